@@ -1,0 +1,64 @@
+"""Text -> validated spec -> counts and model.
+
+Public API:
+    load_spec(path_or_name, overrides=()) -> ModelSpec
+    build(spec, device=None, dtype=None) -> nn.Module
+    account(spec, causal=False) -> Accounting
+    memory(spec, dtype="bf16") -> MemoryEstimate
+    model_schema() -> dict (JSON Schema)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._accounting import COMPONENTS, Accounting, LayerCounts, MemoryEstimate, account, memory
+from ._builder import build
+from ._loader import (
+    Loc,
+    Problem,
+    SpecError,
+    load_validated,
+    resolve,
+    shipped_dir,
+    shipped_names,
+    validate,
+)
+from ._spec import ModelSpec, MoEDerived
+
+
+def load_spec(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelSpec:
+    """Read a model spec from a YAML path or a shipped name (``deepseekmoe-16b``).
+
+    Raises:
+        SpecError: with one located ``file:line:col: key: message`` line per problem.
+    """
+    return load_validated(ModelSpec, path_or_name, "models", overrides)
+
+
+def model_schema() -> dict:
+    """The JSON Schema of model specs (editors use it through the yaml-language-server comment)."""
+    return ModelSpec.model_json_schema()
+
+
+__all__ = [
+    "COMPONENTS",
+    "Accounting",
+    "LayerCounts",
+    "Loc",
+    "MemoryEstimate",
+    "ModelSpec",
+    "MoEDerived",
+    "Problem",
+    "SpecError",
+    "account",
+    "build",
+    "load_spec",
+    "load_validated",
+    "memory",
+    "model_schema",
+    "resolve",
+    "shipped_dir",
+    "shipped_names",
+    "validate",
+]

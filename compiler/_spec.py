@@ -1,0 +1,357 @@
+"""The model spec: one frozen pydantic model per YAML section.
+
+Every field carries its documentation as an attribute docstring; pydantic turns those into the JSON
+Schema descriptions that editors show (``moeforge schema``). Derived quantities (fine-grained expert
+counts, routed top-k, expert width, head dim) are computed properties, never rewritten fields.
+
+DeepSeekMoE's two ways of writing an MoE layer (arXiv 2401.06066, section 3):
+
+* fine-grained form: ``routed_experts``, ``shared_experts``, ``top_k``, ``expert_hidden`` as built;
+* paper form: ``paper: {experts: N, top_k: K, m: m, shared: K_s}`` with experts of the standard FFN width,
+  from which routed = mN - K_s experts of width standard/m, routed top-k = mK - K_s, and K_s shared.
+
+Both may be written; then they must agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Sanity bounds: large enough for any model anyone trains, small enough that arithmetic stays exact and
+# an absurd value (d_model: 1e30) is an error, not an overflow.
+MAX_WIDTH = 1 << 20
+MAX_VOCAB = 1 << 24
+MAX_LAYERS = 4096
+MAX_SEQ = 1 << 24
+MAX_EXPERTS = 1 << 16
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+# ---------------------------------------------------------------------------------------------- norms
+class NormSpec(_Section):
+    kind: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """rmsnorm (a weight per channel) or layernorm (weight and bias per channel)."""
+    eps: float = Field(1e-6, gt=0, lt=1)
+    """Added to the variance for numerical stability."""
+
+
+# ------------------------------------------------------------------------------------------ positions
+class RopeSpec(_Section):
+    kind: Literal["rope"] = "rope"
+    theta: float = Field(10000.0, gt=0)
+    """RoPE base frequency."""
+
+
+class LearnedPositionsSpec(_Section):
+    kind: Literal["learned"]
+    """A learned table of seq_len x d_model position embeddings."""
+
+
+class NoPositionsSpec(_Section):
+    kind: Literal["none"]
+    """No position information (NoPE)."""
+
+
+PositionsSpec = Annotated[RopeSpec | LearnedPositionsSpec | NoPositionsSpec, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------ attention
+class _AttentionBase(_Section):
+    n_heads: int = Field(gt=0, le=MAX_WIDTH)
+    """Number of query heads."""
+    head_dim: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    """Width of each head; default d_model / n_heads."""
+    qkv_bias: bool = False
+    """Bias on the q, k and v projections (Qwen2)."""
+    out_bias: bool = False
+    """Bias on the output projection."""
+    qk_norm: Literal["none", "head", "full"] = "none"
+    """RMSNorm on queries and keys: per head (Qwen3), over the whole projection (OLMoE), or none."""
+
+
+class MHASpec(_AttentionBase):
+    kind: Literal["mha"] = "mha"
+    """Multi-head attention: as many key/value heads as query heads."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads
+
+
+class GQASpec(_AttentionBase):
+    kind: Literal["gqa"]
+    """Grouped-query attention: n_kv_heads key/value heads shared by groups of query heads."""
+    n_kv_heads: int = Field(gt=0, le=MAX_WIDTH)
+    """Number of key/value heads; must divide n_heads."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads
+
+    @model_validator(mode="after")
+    def _kv_divides(self) -> GQASpec:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads: {self.n_kv_heads} does not divide n_heads {self.n_heads}; "
+                f"pick a divisor of {self.n_heads}"
+            )
+        return self
+
+
+AttentionSpec = Annotated[MHASpec | GQASpec, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------------ ffn
+class FFNSpec(_Section):
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    """swiglu: three matrices (gate, up, down); gelu/relu: two (up, down). Experts use the same."""
+    hidden: int = Field(gt=0, le=MAX_WIDTH)
+    """Intermediate width of a dense FFN layer: the 'standard FFN' the paper form of MoE refers to."""
+
+    @property
+    def n_matrices(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+
+# ------------------------------------------------------------------------------------------------ moe
+class PaperMoESpec(_Section):
+    """DeepSeekMoE's own quantities (section 3): N experts of standard width, top-K, segmentation m, K_s shared."""
+
+    experts: int = Field(gt=0, le=MAX_EXPERTS)
+    """N: experts of the standard FFN width before segmentation."""
+    top_k: int = Field(gt=0, le=MAX_EXPERTS)
+    """K: experts per token before segmentation."""
+    m: int = Field(1, gt=0, le=1024)
+    """Fine-grained segmentation factor: each expert is split into m experts of width standard/m."""
+    shared: int = Field(0, ge=0, le=MAX_EXPERTS)
+    """K_s: fine-grained experts isolated as shared experts, always active."""
+    standard_hidden: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    """Width of a standard expert; default ffn.hidden."""
+
+
+class GateSpec(_Section):
+    score: Literal["softmax"] = "softmax"
+    """Scoring function over the routed experts (softmax, as in DeepSeekMoE)."""
+    normalize_topk: bool = False
+    """Renormalize the chosen experts' gate values to sum to 1 (Mixtral, DeepSeek-V3); DeepSeekMoE does not."""
+    routed_scaling: float = Field(1.0, gt=0, le=1e6)
+    """Multiplies the routed experts' gate values (DeepSeek-V2/V3's routed_scaling_factor)."""
+
+
+class BalanceSpec(_Section):
+    expert_alpha: float = Field(0.0, ge=0, le=1e3)
+    """a1 of the expert-level balance loss (DeepSeekMoE eq. 12-14); 0 disables it."""
+    per_sequence: bool = False
+    """Compute the expert-level loss per sequence and average over the batch (DeepSeekMoE 16B's seq_aux)."""
+    device_alpha: float = Field(0.0, ge=0, le=1e3)
+    """a2 of the device-level balance loss (eq. 15-17); 0 disables it."""
+    device_groups: int = Field(1, gt=0, le=MAX_EXPERTS)
+    """D: routed experts are split into D equal groups, one per device."""
+
+
+class MoESpec(_Section):
+    # --- which layers are MoE
+    first_dense: int = Field(0, ge=0, le=MAX_LAYERS)
+    """The first k layers keep a dense FFN (DeepSeek's first_k_dense_replace)."""
+    every: int = Field(1, gt=0, le=MAX_LAYERS)
+    """After the dense prefix, every n-th layer is MoE (layer i is MoE when (i - first_dense) % every == 0)."""
+    layers: tuple[int, ...] | None = None
+    """Explicit list of MoE layer indices (0-based); replaces first_dense/every."""
+    # --- fine-grained form
+    routed_experts: int | None = Field(None, gt=0, le=MAX_EXPERTS)
+    """Routed experts per MoE layer (mN - K_s in the paper's terms)."""
+    shared_experts: int | None = Field(None, ge=0, le=MAX_EXPERTS)
+    """Shared experts per MoE layer, always active (K_s)."""
+    top_k: int | None = Field(None, gt=0, le=MAX_EXPERTS)
+    """Routed experts chosen per token (mK - K_s)."""
+    expert_hidden: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    """Intermediate width of one routed expert."""
+    shared_hidden: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    """Intermediate width of one shared expert; default the routed expert width."""
+    # --- paper form
+    paper: PaperMoESpec | None = None
+    """DeepSeekMoE's N, K, m, K_s instead of (or in agreement with) the fine-grained numbers."""
+    # --- routing and balance
+    gate: GateSpec = GateSpec()
+    """How routed experts are scored and weighted."""
+    balance: BalanceSpec = BalanceSpec()
+    """Auxiliary balance losses."""
+    capacity_factor: float | None = Field(None, gt=0, le=1024)
+    """Token-dropping capacity (GShard/Switch baselines); null is dropless."""
+
+    @model_validator(mode="after")
+    def _has_a_form(self) -> MoESpec:
+        fine = {"routed_experts": self.routed_experts, "top_k": self.top_k}
+        if self.paper is None:
+            missing = [k for k, v in fine.items() if v is None]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)}: missing; give routed_experts and top_k (and expert_hidden), "
+                    "or the paper form `paper: {experts: N, top_k: K, m: m, shared: K_s}`"
+                )
+        if self.layers is not None:
+            if self.first_dense or self.every != 1:
+                raise ValueError("layers: an explicit list replaces first_dense/every; drop one of them")
+            if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+                raise ValueError(f"layers: {list(self.layers)} must be distinct non-negative indices")
+        return self
+
+
+# --------------------------------------------------------------------------------------- derived moe
+@dataclass(frozen=True)
+class MoEDerived:
+    """What an MoE layer is built from, whichever form the spec used."""
+
+    routed_experts: int
+    shared_experts: int
+    top_k: int
+    expert_hidden: int
+    shared_hidden: int
+    m: int | None  # segmentation factor when known (paper form)
+
+    @property
+    def activated_experts(self) -> int:
+        return self.shared_experts + self.top_k
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelSpec(_Section):
+    """A decoder-only language model."""
+
+    name: str = Field("model", min_length=1, max_length=200)
+    """A short name used in reports and file names."""
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB)
+    """Tokens in the vocabulary (256 for the bundled byte-level corpus)."""
+    d_model: int = Field(gt=0, le=MAX_WIDTH)
+    """Residual stream width."""
+    n_layers: int = Field(gt=0, le=MAX_LAYERS)
+    """Number of transformer blocks."""
+    seq_len: int = Field(gt=0, le=MAX_SEQ)
+    """Context length used for training and for attention FLOPs."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    init_std: float = Field(0.02, gt=0, le=10)
+    """Standard deviation of the normal initialization of weights."""
+    norm: NormSpec = NormSpec()
+    """Normalization used before attention, before the FFN, and at the end (pre-norm)."""
+    positions: PositionsSpec = RopeSpec()
+    """Position information: rope, learned or none."""
+    attention: AttentionSpec
+    """Attention block (kind: mha | gqa)."""
+    ffn: FFNSpec
+    """Dense feed-forward block; its activation is used by the experts too."""
+    moe: MoESpec | None = None
+    """Mixture-of-Experts layers; omit for a dense model."""
+
+    # --------------------------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe is None:
+            return False
+        if self.moe.layers is not None:
+            return i in self.moe.layers
+        return i >= self.moe.first_dense and (i - self.moe.first_dense) % self.moe.every == 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
+
+    @property
+    def moe_derived(self) -> MoEDerived | None:
+        moe = self.moe
+        if moe is None:
+            return None
+        if moe.paper is None:
+            assert moe.routed_experts is not None and moe.top_k is not None
+            hidden = moe.expert_hidden or self.ffn.hidden
+            return MoEDerived(
+                routed_experts=moe.routed_experts,
+                shared_experts=moe.shared_experts or 0,
+                top_k=moe.top_k,
+                expert_hidden=hidden,
+                shared_hidden=moe.shared_hidden or hidden,
+                m=None,
+            )
+        p = moe.paper
+        hidden = (p.standard_hidden or self.ffn.hidden) // p.m
+        return MoEDerived(
+            routed_experts=p.m * p.experts - p.shared,
+            shared_experts=p.shared,
+            top_k=p.m * p.top_k - p.shared,
+            expert_hidden=hidden,
+            shared_hidden=moe.shared_hidden or hidden,
+            m=p.m,
+        )
+
+    # -------------------------------------------------------------------------------- checks
+    @model_validator(mode="after")
+    def _cross_field(self) -> ModelSpec:
+        att = self.attention
+        if att.head_dim is None and self.d_model % att.n_heads:
+            raise ValueError(
+                f"attention.n_heads: {att.n_heads} does not divide d_model {self.d_model}; "
+                "choose a divisor or give attention.head_dim"
+            )
+        if isinstance(self.positions, RopeSpec) and self.head_dim % 2:
+            raise ValueError(f"attention.head_dim: rope needs an even head dim, got {self.head_dim}")
+        if self.moe is not None:
+            self._check_moe(self.moe)
+        return self
+
+    def _check_moe(self, moe: MoESpec) -> None:
+        if moe.layers is not None and any(i >= self.n_layers for i in moe.layers):
+            raise ValueError(f"moe.layers: indices must be < n_layers ({self.n_layers}), got {list(moe.layers)}")
+        if not self.moe_layers:
+            raise ValueError(
+                f"moe.first_dense: {moe.first_dense} leaves no MoE layer among {self.n_layers}; "
+                "lower it or remove the moe section"
+            )
+        if moe.paper is not None:
+            p = moe.paper
+            standard = p.standard_hidden or self.ffn.hidden
+            if standard % p.m:
+                raise ValueError(
+                    f"moe.paper.m: {p.m} does not divide the standard expert width {standard}; "
+                    f"pick m among the divisors of {standard}"
+                )
+            if p.top_k > p.experts:
+                raise ValueError(f"moe.paper.top_k: {p.top_k} > experts {p.experts}; top_k must be <= experts")
+            if p.shared >= p.m * p.top_k:
+                raise ValueError(
+                    f"moe.paper.shared: K_s={p.shared} leaves no routed expert per token "
+                    f"(m*K = {p.m * p.top_k}); use fewer shared experts"
+                )
+        d = self.moe_derived
+        assert d is not None
+        if moe.paper is not None:
+            # Both forms written: each fine-grained number given must equal the derived one.
+            for key, given, derived in (
+                ("routed_experts", moe.routed_experts, d.routed_experts),
+                ("shared_experts", moe.shared_experts, d.shared_experts),
+                ("top_k", moe.top_k, d.top_k),
+                ("expert_hidden", moe.expert_hidden, d.expert_hidden),
+            ):
+                if given is not None and given != derived:
+                    raise ValueError(
+                        f"moe.{key}: {given} contradicts the paper form, which gives {derived} "
+                        f"(m={moe.paper.m}, N={moe.paper.experts}, K={moe.paper.top_k}, "
+                        f"K_s={moe.paper.shared}); remove one of them"
+                    )
+        if d.top_k > d.routed_experts:
+            raise ValueError(
+                f"moe.top_k: {d.top_k} > routed experts {d.routed_experts}; top_k must be <= routed_experts"
+            )
+        groups = moe.balance.device_groups
+        if d.routed_experts % groups:
+            raise ValueError(
+                f"moe.balance.device_groups: {groups} does not divide the {d.routed_experts} routed experts"
+            )

@@ -1,0 +1,274 @@
+"""The model, top-down: leaves (norms, rope, attention, FFN, MoE) -> block -> Transformer.
+
+Legend for MoE tensors: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K routed
+experts per token, G device groups.
+
+Leaf modules take plain arguments; only `compiler.build` reads the spec. Every choice is made at build
+time, so `forward` is straight-line code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._experts import Experts
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    aux_loss: torch.Tensor  # scalar: sum of the balance losses (0 for a dense model)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    return nn.LayerNorm(dim, eps=eps)
+
+
+# ------------------------------------------------------------------------------------------- rope
+def rope_cos_sin(seq: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, head_dim] in the rotate-half layout (as HF transformers and Llama use)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [S, dh/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [S, dh]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, dh] rotated by position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# -------------------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention with optional qkv bias, qk-norm and RoPE."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        qk_norm: str = "none",
+        rope_theta: float | None = 10000.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        # qk-norm: per head (Qwen3) normalizes each head's vector; full (OLMoE) the whole projection.
+        q_dim, k_dim = {"head": (head_dim, head_dim), "full": (n_heads * head_dim, n_kv_heads * head_dim)}.get(
+            qk_norm, (0, 0)
+        )
+        self.q_norm = nn.RMSNorm(q_dim, eps=norm_eps) if q_dim else None
+        self.k_norm = nn.RMSNorm(k_dim, eps=norm_eps) if k_dim else None
+        self.per_head_norm = qk_norm == "head"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.q_norm is not None and not self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, dh]
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, dh]
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # [B, H, S, dh]
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, dh]
+        return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+# --------------------------------------------------------------------------------------------- ffn
+class FeedForward(nn.Module):
+    """SwiGLU (w2(silu(w1 x) * w3 x)) or a two-matrix GELU/ReLU FFN, without biases."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.act = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.w1(x))
+        if self.w3 is not None:
+            h = h * self.w3(x)
+        return self.w2(h)
+
+
+# --------------------------------------------------------------------------------------------- moe
+class MoE(nn.Module):
+    """DeepSeekMoE layer: K_s shared experts always on, plus top-K of E routed experts (arXiv 2401.06066).
+
+    out_t = sum_i shared_i(u_t) + sum_{i in topK} g_i,t routed_i(u_t), with g the softmax scores over the
+    routed experts (renormalized over the top-K if asked, times the routed scaling factor). The residual
+    u_t is added by the block. Balance losses (eq. 12-17) are returned as `aux_loss`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_routed: int,
+        top_k: int,
+        hidden: int,
+        n_shared: int = 0,
+        shared_hidden: int | None = None,
+        activation: str = "swiglu",
+        normalize_topk: bool = False,
+        routed_scaling: float = 1.0,
+        expert_alpha: float = 0.0,
+        per_sequence: bool = False,
+        device_alpha: float = 0.0,
+        device_groups: int = 1,
+        capacity_factor: float | None = None,
+    ):
+        super().__init__()
+        self.n_routed, self.top_k = n_routed, top_k
+        self.normalize_topk, self.routed_scaling = normalize_topk, routed_scaling
+        self.expert_alpha, self.per_sequence = expert_alpha, per_sequence
+        self.device_alpha, self.device_groups = device_alpha, device_groups
+        self.capacity_factor = capacity_factor
+        self.router = nn.Linear(dim, n_routed, bias=False)
+        self.experts = Experts(dim, hidden, n_routed, activation)
+        # K_s shared experts of width h are one FFN of width K_s*h: sum_i W2_i f(W1_i x) = [W2_i] f([W1_i] x).
+        self.shared = FeedForward(dim, n_shared * (shared_hidden or hidden), activation) if n_shared else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, D = x.shape
+        x_TD = x.reshape(B * S, D)
+        scores_TE = self.router(x_TD).float().softmax(dim=-1)  # softmax over routed experts only
+        topk_w_TK, topk_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+        if self.normalize_topk:
+            topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
+        topk_w_TK = topk_w_TK * self.routed_scaling
+        if self.capacity_factor is None:
+            out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK)
+        else:
+            out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK, capacity_factor=self.capacity_factor)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        aux = self.balance_loss(scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1))
+        return out_TD.view(B, S, D), aux
+
+    def balance_loss(self, scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) -> torch.Tensor:
+        """Expert-level (eq. 12-14) and device-level (eq. 15-17) balance losses.
+
+        f_i = E/(K T) * #tokens choosing i (no gradient), P_i = mean_t s_i,t; L_exp = a1 * sum_i f_i P_i.
+        Device level: f'_d = mean of f_j in group d, P'_d = sum of P_j in group d; L_dev = a2 * sum_d f'_d P'_d.
+        """
+        zero = scores_BSE.new_zeros(())
+        if self.expert_alpha == 0 and self.device_alpha == 0:
+            return zero
+        B, S, E = scores_BSE.shape
+        K = self.top_k
+        counts_BE = torch.zeros(B, E, device=scores_BSE.device, dtype=scores_BSE.dtype)
+        counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), torch.ones_like(topk_idx_BSK, dtype=scores_BSE.dtype).reshape(B, S * K))
+        loss = zero
+        if self.expert_alpha:
+            if self.per_sequence:
+                f_BE = counts_BE * (E / (K * S))
+                P_BE = scores_BSE.mean(dim=1)
+                loss = loss + self.expert_alpha * (f_BE * P_BE).sum(dim=-1).mean()
+            else:
+                f_E = counts_BE.sum(0) * (E / (K * B * S))
+                P_E = scores_BSE.reshape(B * S, E).mean(dim=0)
+                loss = loss + self.expert_alpha * (f_E * P_E).sum()
+        if self.device_alpha:
+            G = self.device_groups
+            f_E = counts_BE.sum(0) * (E / (K * B * S))
+            P_E = scores_BSE.reshape(B * S, E).mean(dim=0)
+            f_G = f_E.view(G, E // G).mean(dim=-1)
+            P_G = P_E.view(G, E // G).sum(dim=-1)
+            loss = loss + self.device_alpha * (f_G * P_G).sum()
+        return loss
+
+
+# ------------------------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """Pre-norm transformer block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, attention: Attention, ffn: nn.Module, norm_kind: str, dim: int, eps: float):
+        super().__init__()
+        self.attention_norm = make_norm(norm_kind, dim, eps)
+        self.attention = attention
+        self.ffn_norm = make_norm(norm_kind, dim, eps)
+        self.ffn = ffn
+        self.is_moe = isinstance(ffn, MoE)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x + self.attention(self.attention_norm(x))
+        if self.is_moe:
+            y, aux = self.ffn(self.ffn_norm(h))
+            return h + y, aux
+        return h + self.ffn(self.ffn_norm(h)), None
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: embeddings -> blocks -> norm -> head."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        blocks: list[Block],
+        norm: nn.Module,
+        tie_embeddings: bool = False,
+        max_positions: int | None = None,
+    ):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.pos_embeddings = nn.Embedding(max_positions, dim) if max_positions else None
+        self.layers = nn.ModuleList(blocks)
+        self.norm = norm
+        self.output = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+        B, S = input_ids.shape
+        h = self.tok_embeddings(input_ids)  # [B, S, D]
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(torch.arange(S, device=input_ids.device))
+        aux = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            h, layer_aux = layer(h)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return ModelOutput(logits=F.linear(h, weight), aux_loss=aux)
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(i, blk.ffn) for i, blk in enumerate(self.layers) if isinstance(blk.ffn, MoE)]
+
+
+def init_weights(model: Transformer, std: float, n_layers: int) -> None:
+    """Normal(0, std) for matrices and embeddings; residual output projections scaled by 1/sqrt(2L)."""
+    out_std = std / math.sqrt(2 * n_layers)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue  # norms keep ones, biases zeros (their defaults)
+        is_out = name.endswith(("wo.weight", "w2.weight", ".experts.w2"))
+        nn.init.normal_(p, mean=0.0, std=out_std if is_out else std)
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
