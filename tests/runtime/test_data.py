@@ -161,8 +161,8 @@ def test_val_batches_capped_by_split_size(tmp_path):
     write_token_file(tmp_path / "t.bin", np.arange(10_000, dtype=np.uint16))
     corpus = load_corpus(tmp_path / "t.bin", cache_dir=tmp_path)
     assert len(corpus.val) == 2049
-    batches = corpus.val_batches(batch_size=100, seq_len=100, max_tokens=10**9)
-    assert sum(len(x) for x, _ in batches) == 2049 // 101
+    batches = corpus.val_batches(batch_size=100, seq_len=40, max_tokens=10**9)
+    assert sum(len(x) for x, _ in batches) == 2049 // 41 == 49
 
 
 def test_too_few_tokens_for_one_sequence_is_a_data_error(tmp_path):
