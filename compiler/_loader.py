@@ -95,8 +95,12 @@ def _dotted(path: Path_) -> str:
     return out
 
 
-def parse_yaml(text: str, file: str) -> tuple[Any, Locs]:
-    """Compose YAML safely and return plain data plus the location of every key and item."""
+def parse_yaml(text: str, file: str, soft: list[Problem] | None = None) -> tuple[Any, Locs]:
+    """Compose YAML safely and return plain data plus the location of every key and item.
+
+    Problems that leave the document readable (duplicate keys: the first value is kept) go to `soft`
+    when given, so they are reported together with the schema's problems; otherwise they raise.
+    """
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -154,12 +158,14 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Locs]:
 
     data = walk(node, ())
     locs.setdefault((), _mark(file, node.start_mark))
-    if problems:
+    if problems and soft is None:
         raise SpecError(problems)
+    if soft is not None:
+        soft.extend(problems)
     return data, locs
 
 
-def read_yaml(path: Path) -> tuple[Any, Locs]:
+def read_yaml(path: Path, soft: list[Problem] | None = None) -> tuple[Any, Locs]:
     """Read and parse a YAML file; unreadable or binary files give one located problem."""
     file = str(path)
     try:
@@ -174,7 +180,7 @@ def read_yaml(path: Path) -> tuple[Any, Locs]:
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise SpecError([Problem(Loc(file, line, 1), "", "not a text file (contains NUL bytes)")])
-    return parse_yaml(text, file)
+    return parse_yaml(text, file, soft)
 
 
 # -------------------------------------------------------------------------------------- composition
@@ -187,9 +193,11 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_document(path: Path, kind: str = "models", _seen: tuple[Path, ...] = ()) -> tuple[dict, Locs]:
+def load_document(
+    path: Path, kind: str = "models", soft: list[Problem] | None = None, _seen: tuple[Path, ...] = ()
+) -> tuple[dict, Locs]:
     """A spec file as a mapping with locations, with its ``base:`` chain merged underneath."""
-    data, locs = read_yaml(path)
+    data, locs = read_yaml(path, soft)
     file = str(path)
     if data is None:
         raise SpecError([Problem(Loc(file, 1, 1), "", "empty spec; see `moeforge schema` for the keys")])
@@ -207,7 +215,7 @@ def load_document(path: Path, kind: str = "models", _seen: tuple[Path, ...] = ()
         raise SpecError([Problem(base_loc, "base", f"{base_ref!r}: {e.problems[0].message}")]) from None
     if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
         raise SpecError([Problem(base_loc, "base", f"{base_ref!r} inherits from itself (a cycle)")])
-    base_data, base_locs = load_document(base_path, kind, (*_seen, path.resolve()))
+    base_data, base_locs = load_document(base_path, kind, soft, (*_seen, path.resolve()))
     merged = _merge(base_data, data)
     # Locations: a key's own file wins; inherited keys point into the base file.
     all_locs = {**base_locs, **locs}
@@ -300,12 +308,15 @@ def _locate(locs: Locs, path: Path_) -> Loc:
 _KEY_MSG = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*): (.*)$", re.S)
 
 
-def validate(cls: type[M], data: dict, locs: Locs) -> M:
-    """Validate `data` against `cls`, turning every pydantic error into a located Problem."""
+def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = None) -> M:
+    """Validate `data` against `cls`, turning every pydantic error into a located Problem.
+
+    `soft` problems found while reading (duplicate keys) are reported with the schema's.
+    """
     try:
-        return cls.model_validate(data)
+        result = cls.model_validate(data)
     except ValidationError as e:
-        problems = []
+        problems = list(soft or [])
         for err in e.errors(include_url=False):
             path = _data_path(err["loc"], data)
             msg = err["msg"].removeprefix("Value error, ")
@@ -326,6 +337,9 @@ def validate(cls: type[M], data: dict, locs: Locs) -> M:
             problems.append(Problem(_locate(locs, path), _dotted(path), msg))
         problems.sort(key=lambda p: (p.loc.file, p.loc.line, p.loc.col))
         raise SpecError(problems) from None
+    if soft:
+        raise SpecError(list(soft))
+    return result
 
 
 def _short(value: Any) -> str:
@@ -336,8 +350,9 @@ def _short(value: Any) -> str:
 def load_validated(cls: type[M], path_or_name: str | Path, kind: str, overrides: list[str] | tuple[str, ...] = ()) -> M:
     """Resolve, read, compose, override and validate one spec file."""
     path = resolve(path_or_name, kind)
-    data, locs = load_document(path, kind)
+    soft: list[Problem] = []
+    data, locs = load_document(path, kind, soft)
     if overrides:
         data = apply_overrides(data, locs, overrides)
-    return validate(cls, data, locs)
+    return validate(cls, data, locs, soft)
 

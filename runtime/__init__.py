@@ -1,9 +1,16 @@
 """What a built model is made of and what runs it: layers, MoE dispatch, data, training, checkpoints."""
 
+from ._data import Corpus, DataError, default_cache_dir, load_corpus, read_token_file, write_token_file
 from ._experts import Experts
 from ._layers import Attention, Block, FeedForward, ModelOutput, MoE, Transformer, init_weights, make_norm
 
 __all__ = [
+    "Corpus",
+    "DataError",
+    "default_cache_dir",
+    "load_corpus",
+    "read_token_file",
+    "write_token_file",
     "Attention",
     "Block",
     "Experts",

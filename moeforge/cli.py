@@ -1,0 +1,67 @@
+"""`moeforge`: validate, report and compare specs; train models; search architectures.
+
+Each subcommand lives in `moeforge/commands/<name>.py` with `register(subparsers)`; heavy imports happen
+inside the command, so `moeforge --help` is instant. Exit status: 0 ok, 1 failure, 2 bad input (a spec
+error, a usage error), 3 training diverged, 4 out of memory, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moeforge import __version__
+
+COMMANDS = ("validate", "report", "compare", "schema", "train", "eval", "search", "import_", "export")
+
+EPILOG = """\
+examples:
+  moeforge report deepseekmoe-16b                  parameters and FLOPs of a shipped spec
+  moeforge report my.yaml --by layer --json        per-layer counts for tools
+  moeforge compare gshard-2b deepseekmoe-2b        side by side
+  moeforge validate specs/models/*.yaml            check specs (exit 2 on problems)
+  moeforge train debug --budget-flops 2e12         train on the bundled corpus
+  moeforge search quickstart                       budget-constrained architecture search
+
+Shipped specs can be named without a path; `moeforge schema` prints the JSON Schema of specs.
+"""
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeforge",
+        description="YAML specs of DeepSeekMoE-style Mixture-of-Experts models: validate, count, train, search.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"moeforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"moeforge.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"moeforge.commands.{name}":
+                raise
+            continue  # a command not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from compiler import SpecError
+
+    try:
+        return int(args.run(args) or 0)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
