@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._accounting import COMPONENTS, Accounting, LayerCounts, MemoryEstimate, account, memory
 from ._builder import build
+from ._dump import spec_to_yaml
 from ._loader import (
     Loc,
     Problem,
@@ -60,5 +61,6 @@ __all__ = [
     "resolve",
     "shipped_dir",
     "shipped_names",
+    "spec_to_yaml",
     "validate",
 ]
