@@ -142,7 +142,9 @@ def account(spec: ModelSpec, causal: bool = False) -> Accounting:
             assert moe is not None
             expert = _ffn_params(spec, moe.expert_hidden)
             p["router"] = a["router"] = moe.routed_experts * d
-            p["shared_experts"] = a["shared_experts"] = moe.shared_experts * _ffn_params(spec, moe.shared_hidden)
+            p["shared_experts"] = a["shared_experts"] = moe.shared_experts * _ffn_params(
+                spec, moe.shared_hidden
+            )
             p["routed_experts"] = moe.routed_experts * expert
             a["routed_experts"] = moe.top_k * expert
             for c in ("router", "shared_experts", "routed_experts"):

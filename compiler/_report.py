@@ -24,7 +24,11 @@ def report_dict(spec: ModelSpec, dtype: str = "bf16", causal: bool = False) -> d
             "activated_experts": d.activated_experts,
             "m": d.m,
         }
-        derived = {**per_layer, "moe_layers": list(spec.moe_layers), "layers": [{"layer": i, **per_layer} for i in spec.moe_layers]}
+        derived = {
+            **per_layer,
+            "moe_layers": list(spec.moe_layers),
+            "layers": [{"layer": i, **per_layer} for i in spec.moe_layers],
+        }
     return {
         "name": spec.name,
         "params": {
@@ -35,7 +39,12 @@ def report_dict(spec: ModelSpec, dtype: str = "bf16", causal: bool = False) -> d
             "embedding": acc.params_embedding,
             "by_component": {c: {"total": acc.params[c], "activated": acc.activated[c]} for c in COMPONENTS},
             "by_layer": [
-                {"layer": lc.index, "kind": lc.kind, "total": sum(lc.params.values()), "activated": sum(lc.activated.values())}
+                {
+                    "layer": lc.index,
+                    "kind": lc.kind,
+                    "total": sum(lc.params.values()),
+                    "activated": sum(lc.activated.values()),
+                }
                 for lc in acc.layers
             ],
         },
@@ -47,7 +56,10 @@ def report_dict(spec: ModelSpec, dtype: str = "bf16", causal: bool = False) -> d
             "train_per_sequence": acc.train_flops_per_sequence,
             "six_n_per_token": acc.six_n,
             "by_component": dict(acc.forward_flops),
-            "by_layer": [{"layer": lc.index, "kind": lc.kind, "forward_per_token": sum(lc.forward_flops.values())} for lc in acc.layers],
+            "by_layer": [
+                {"layer": lc.index, "kind": lc.kind, "forward_per_token": sum(lc.forward_flops.values())}
+                for lc in acc.layers
+            ],
         },
         "memory": {
             "dtype": dtype,

@@ -309,7 +309,9 @@ class ModelSpec(_Section):
 
     def _check_moe(self, moe: MoESpec) -> None:
         if moe.layers is not None and any(i >= self.n_layers for i in moe.layers):
-            raise ValueError(f"moe.layers: indices must be < n_layers ({self.n_layers}), got {list(moe.layers)}")
+            raise ValueError(
+                f"moe.layers: indices must be < n_layers ({self.n_layers}), got {list(moe.layers)}"
+            )
         if not self.moe_layers:
             raise ValueError(
                 f"moe.first_dense: {moe.first_dense} leaves no MoE layer among {self.n_layers}; "
@@ -324,7 +326,9 @@ class ModelSpec(_Section):
                     f"pick m among the divisors of {standard}"
                 )
             if p.top_k > p.experts:
-                raise ValueError(f"moe.paper.top_k: {p.top_k} > experts {p.experts}; top_k must be <= experts")
+                raise ValueError(
+                    f"moe.paper.top_k: {p.top_k} > experts {p.experts}; top_k must be <= experts"
+                )
             if p.shared >= p.m * p.top_k:
                 raise ValueError(
                     f"moe.paper.shared: K_s={p.shared} leaves no routed expert per token "

@@ -25,9 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP)
     add_overrides(p)
     p.add_argument("--json", action="store_true", help="machine-readable report with exact integers")
-    p.add_argument("--by", choices=("component", "layer"), default="component", help="table rows (default component)")
+    p.add_argument(
+        "--by", choices=("component", "layer"), default="component", help="table rows (default component)"
+    )
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype for memory figures (default bf16)")
-    p.add_argument("--causal", action="store_true", help="halve attention-score FLOPs for the causal mask (Megatron)")
+    p.add_argument(
+        "--causal", action="store_true", help="halve attention-score FLOPs for the causal mask (Megatron)"
+    )
     p.add_argument("--measure", action="store_true", help="build the model and measure FLOPs and parameters")
     p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
     p.set_defaults(run=run)
@@ -68,16 +72,30 @@ def render(rep: dict[str, Any], by: str = "component") -> None:
     summary.add_column(justify="right", style="bold")
     summary.add_column(style="dim")
     summary.add_row("parameters", count(P["total"]), f"{P['total']:,}")
-    summary.add_row("activated / token", count(P["activated"]), f"{P['activated']:,} ({pct(P['activated'], P['total'])})")
-    summary.add_row("non-embedding", count(P["non_embedding"]), f"activated {count(P['activated_non_embedding'])}")
+    summary.add_row(
+        "activated / token", count(P["activated"]), f"{P['activated']:,} ({pct(P['activated'], P['total'])})"
+    )
+    summary.add_row(
+        "non-embedding", count(P["non_embedding"]), f"activated {count(P['activated_non_embedding'])}"
+    )
     attn = "causal (halved)" if Fl["causal"] else "full square"
-    summary.add_row("forward FLOPs / token", count(Fl["forward_per_token"]), f"at seq_len {Fl['seq_len']}, attention {attn}")
+    summary.add_row(
+        "forward FLOPs / token",
+        count(Fl["forward_per_token"]),
+        f"at seq_len {Fl['seq_len']}, attention {attn}",
+    )
     summary.add_row("training FLOPs / token", count(Fl["train_per_token"]), "3 x forward")
     summary.add_row("training FLOPs / sequence", count(Fl["train_per_sequence"]), f"x {Fl['seq_len']} tokens")
     summary.add_row("6N / token", count(Fl["six_n_per_token"]), "6 x activated non-embedding params")
     M = rep["memory"]
-    summary.add_row(f"weights ({M['dtype']})", nbytes(M["weights_bytes"]), f"training state {nbytes(M['train_state_bytes'])} (AdamW)")
-    summary.add_row("activations / token", nbytes(M["activation_bytes_per_token"]), "estimate, flash attention")
+    summary.add_row(
+        f"weights ({M['dtype']})",
+        nbytes(M["weights_bytes"]),
+        f"training state {nbytes(M['train_state_bytes'])} (AdamW)",
+    )
+    summary.add_row(
+        "activations / token", nbytes(M["activation_bytes_per_token"]), "estimate, flash attention"
+    )
     d = rep["derived"]
     if d:
         m = f", m={d['m']}" if d["m"] else ""
@@ -88,9 +106,15 @@ def render(rep: dict[str, Any], by: str = "component") -> None:
         summary.add_row("MoE layers", str(len(d["moe_layers"])), moe_line)
     meas = rep.get("measured")
     if meas:
-        summary.add_row("measured fwd FLOPs / token", count(meas["forward_flops_per_token"]), "torch FlopCounterMode")
-        summary.add_row("fvcore fwd FLOPs / token", count(meas["fvcore_forward_flops_per_token"]), "fvcore x 2")
-        summary.add_row("measured parameters", count(meas["params_total"]), f"{meas['params_total']:,} (numel)")
+        summary.add_row(
+            "measured fwd FLOPs / token", count(meas["forward_flops_per_token"]), "torch FlopCounterMode"
+        )
+        summary.add_row(
+            "fvcore fwd FLOPs / token", count(meas["fvcore_forward_flops_per_token"]), "fvcore x 2"
+        )
+        summary.add_row(
+            "measured parameters", count(meas["params_total"]), f"{meas['params_total']:,} (numel)"
+        )
     con.print(title)
     con.print(summary)
 
@@ -102,12 +126,32 @@ def render(rep: dict[str, Any], by: str = "component") -> None:
             if v["total"] == 0 and Fl["by_component"][c] == 0:
                 continue
             f = Fl["by_component"][c]
-            t.add_row(c, count(v["total"]), pct(v["total"], P["total"]), count(v["activated"]), count(f), pct(f, Fl["forward_per_token"]))
-        t.add_row("[bold]total", count(P["total"]), "100%", count(P["activated"]), count(Fl["forward_per_token"]), "100%")
+            t.add_row(
+                c,
+                count(v["total"]),
+                pct(v["total"], P["total"]),
+                count(v["activated"]),
+                count(f),
+                pct(f, Fl["forward_per_token"]),
+            )
+        t.add_row(
+            "[bold]total",
+            count(P["total"]),
+            "100%",
+            count(P["activated"]),
+            count(Fl["forward_per_token"]),
+            "100%",
+        )
     else:
         t = Table(title="by layer", title_justify="left")
         for col in ("layer", "kind", "params", "activated", "fwd FLOPs/token"):
             t.add_column(col, justify="right")
         for lp, lf in zip(P["by_layer"], Fl["by_layer"], strict=True):
-            t.add_row(str(lp["layer"]), lp["kind"], count(lp["total"]), count(lp["activated"]), count(lf["forward_per_token"]))
+            t.add_row(
+                str(lp["layer"]),
+                lp["kind"],
+                count(lp["total"]),
+                count(lp["activated"]),
+                count(lf["forward_per_token"]),
+            )
     con.print(t)
