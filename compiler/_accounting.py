@@ -14,7 +14,9 @@ FLOPs (forward, per token, at ``seq_len`` context; 2 FLOPs per multiply-add; mat
     * attention core: scores Q K^T and the value mix A V over the full sequence: 2*T*H*dh each, so
       4*T*H*dh per layer. The paper, torchtitan and FlopCounterMode count the full (non-causal) square;
       ``causal=True`` halves it as Megatron does;
-    * router: 2 x d_model x routed_experts per MoE layer;
+    * MLA (DeepSeek-V2): 2 x weights of every projection (q or q_a/q_b, kv_a, kv_b, o); the core scores with
+      the query/key head width nope + rope and mixes values of width v: 2*T*H*(nope + rope) + 2*T*H*v;
+    * router: 2 x d_model x routed_experts per MoE layer (+ 2 x d_model for a shared-expert gate);
     * experts: 2 x weights of the shared experts and of top_k routed experts; dense FFN likewise;
     * output head: 2 x d_model x vocab; the embedding lookup is free.
     Training per token = 3 x forward (backward = 2 x forward: gradients for inputs and weights).
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._spec import ModelSpec
+from ._spec import MLASpec, ModelSpec
 
 COMPONENTS = (
     "embedding",
@@ -116,11 +118,30 @@ def _ffn_params(spec: ModelSpec, hidden: int) -> int:
 def _attention(spec: ModelSpec) -> tuple[int, int, int]:
     """(parameters, projection weight parameters, core FLOPs per token) of one attention block."""
     a, d, dh = spec.attention, spec.d_model, spec.head_dim
+    if isinstance(a, MLASpec):
+        return _mla(spec, a)
     q, kv = a.n_heads * dh, a.kv_heads * dh
     weights = d * q + 2 * d * kv + q * d
     params = weights + (q + 2 * kv if a.qkv_bias else 0) + (d if a.out_bias else 0)
     params += {"none": 0, "head": 2 * dh, "full": q + kv}[a.qk_norm]
     core = 4 * spec.seq_len * a.n_heads * dh  # Q K^T and A V, full square
+    return params, weights, core
+
+
+def _mla(spec: ModelSpec, a: MLASpec) -> tuple[int, int, int]:
+    """MLA: q = W_qb norm(W_qa x) (or W_q x); [c_kv, k_rope] = W_kva x; [k_nope, v] = W_kvb norm(c_kv)."""
+    d, H, qk, r = spec.d_model, a.n_heads, a.head_dim, a.qk_rope_head_dim
+    if a.q_lora_rank is None:
+        q_weights, q_extra = d * H * qk, 0
+    else:
+        q_weights = d * a.q_lora_rank + a.q_lora_rank * H * qk
+        q_extra = a.q_lora_rank * (2 if a.bias else 1)  # latent norm (+ q_a bias)
+    kv_weights = d * (a.kv_lora_rank + r) + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
+    kv_extra = a.kv_lora_rank + ((a.kv_lora_rank + r) if a.bias else 0)  # latent norm (+ kv_a bias)
+    o_weights = H * a.v_head_dim * d
+    weights = q_weights + kv_weights + o_weights
+    params = weights + q_extra + kv_extra + (d if a.bias else 0)
+    core = 2 * spec.seq_len * H * qk + 2 * spec.seq_len * H * a.v_head_dim  # Q K^T, then A V
     return params, weights, core
 
 
@@ -149,6 +170,14 @@ def account(spec: ModelSpec, causal: bool = False) -> Accounting:
             a["routed_experts"] = moe.top_k * expert
             for c in ("router", "shared_experts", "routed_experts"):
                 f[c] = 2 * a[c]
+            gate = spec.moe.gate if spec.moe is not None else None
+            if gate is not None and gate.selection_bias and gate.bias_is_parameter:
+                p["router"] += moe.routed_experts  # the selection bias: added to scores, no FLOPs counted
+                a["router"] += moe.routed_experts
+            if spec.moe is not None and spec.moe.shared_gate:
+                p["shared_experts"] += d  # the shared expert's sigmoid gate vector
+                a["shared_experts"] += d
+                f["shared_experts"] += 2 * d
         else:
             p["dense_ffn"] = a["dense_ffn"] = _ffn_params(spec, spec.ffn.hidden)
             f["dense_ffn"] = 2 * a["dense_ffn"]
@@ -193,6 +222,8 @@ def memory(spec: ModelSpec, dtype: str = "bf16") -> MemoryEstimate:
     moe = spec.moe_derived
     nm = spec.ffn.n_matrices
     per_layer_attn = 4 * d + (2 * a.n_heads + 2 * a.kv_heads) * dh
+    if isinstance(a, MLASpec):  # latents, then q, k (nope + rope) and v per head, and the attention output
+        per_layer_attn = 4 * d + (a.q_lora_rank or 0) + a.kv_lora_rank + a.n_heads * (2 * dh + 2 * a.v_head_dim)
     act = 0
     for i in range(spec.n_layers):
         act += per_layer_attn

@@ -5,13 +5,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime import Attention, Block, FeedForward, MoE, Transformer, init_weights, make_norm
+from runtime import (
+    Attention,
+    Block,
+    FeedForward,
+    MLAttention,
+    MoE,
+    Transformer,
+    Yarn,
+    init_weights,
+    make_norm,
+)
 
-from ._spec import ModelSpec, RopeSpec
+from ._spec import MLASpec, ModelSpec, RopeSpec
 
 
-def _attention(spec: ModelSpec) -> Attention:
+def _yarn(spec: ModelSpec) -> Yarn | None:
+    if not isinstance(spec.positions, RopeSpec) or spec.positions.yarn is None:
+        return None
+    y = spec.positions.yarn
+    return Yarn(y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim)
+
+
+def _attention(spec: ModelSpec) -> Attention | MLAttention:
     a = spec.attention
+    rope_theta = spec.positions.theta if isinstance(spec.positions, RopeSpec) else None
+    if isinstance(a, MLASpec):
+        return MLAttention(
+            spec.d_model,
+            n_heads=a.n_heads,
+            q_lora_rank=a.q_lora_rank,
+            kv_lora_rank=a.kv_lora_rank,
+            qk_nope_head_dim=a.qk_nope_head_dim,
+            qk_rope_head_dim=a.qk_rope_head_dim,
+            v_head_dim=a.v_head_dim,
+            bias=a.bias,
+            latent_norm_eps=a.latent_norm_eps,
+            rope_theta=rope_theta,
+            yarn=_yarn(spec),
+            rope_interleave=a.rope_interleave,
+        )
     return Attention(
         spec.d_model,
         n_heads=a.n_heads,
@@ -22,6 +55,7 @@ def _attention(spec: ModelSpec) -> Attention:
         qk_norm=a.qk_norm,
         rope_theta=spec.positions.theta if isinstance(spec.positions, RopeSpec) else None,
         norm_eps=spec.norm.eps,
+        yarn=_yarn(spec),
     )
 
 
@@ -45,6 +79,13 @@ def _ffn(spec: ModelSpec, i: int) -> nn.Module:
         device_alpha=moe.balance.device_alpha,
         device_groups=moe.balance.device_groups,
         capacity_factor=moe.capacity_factor,
+        score=moe.gate.score,
+        selection_bias=moe.gate.selection_bias,
+        bias_update_speed=moe.gate.bias_update_speed,
+        bias_is_parameter=moe.gate.bias_is_parameter,
+        n_group=moe.gate.n_group,
+        topk_group=moe.gate.topk_group,
+        shared_gate=moe.shared_gate,
     )
 
 

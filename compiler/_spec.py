@@ -42,10 +42,29 @@ class NormSpec(_Section):
 
 
 # ------------------------------------------------------------------------------------------ positions
+class YarnSpec(_Section):
+    """YaRN context extension of RoPE (arXiv 2309.00071), as DeepSeek-V2/V3 configure it."""
+
+    factor: float = Field(gt=0, le=1e6)
+    """Ratio of the extended context to the original one."""
+    original_max_position_embeddings: int = Field(gt=0, le=MAX_SEQ)
+    """Context length the model was pretrained with."""
+    beta_fast: float = Field(32.0, gt=0)
+    """Rotations above which frequencies are kept (extrapolated)."""
+    beta_slow: float = Field(1.0, gt=0)
+    """Rotations below which frequencies are divided by factor (interpolated)."""
+    mscale: float = Field(1.0, ge=0)
+    """Scales log(factor) in the numerator of the cos/sin attention factor."""
+    mscale_all_dim: float = Field(0.0, ge=0)
+    """Scales log(factor) in its denominator; MLA also multiplies the softmax scale by its mscale squared."""
+
+
 class RopeSpec(_Section):
     kind: Literal["rope"] = "rope"
     theta: float = Field(10000.0, gt=0)
     """RoPE base frequency."""
+    yarn: YarnSpec | None = None
+    """YaRN frequency scaling (DeepSeek-V2/V3's rope_scaling); null is plain RoPE."""
 
 
 class LearnedPositionsSpec(_Section):
@@ -104,7 +123,45 @@ class GQASpec(_AttentionBase):
         return self
 
 
-AttentionSpec = Annotated[MHASpec | GQASpec, Field(discriminator="kind")]
+class MLASpec(_Section):
+    kind: Literal["mla"]
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 section 2.1): keys and values come from a
+    shared low-rank latent c_kv (RMSNorm'd), queries optionally from a latent c_q; RoPE is applied to a
+    decoupled part of each query head and to one key shared by all heads."""
+    n_heads: int = Field(gt=0, le=MAX_WIDTH)
+    """Number of attention heads."""
+    q_lora_rank: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    """Rank of the query compression (DeepSeek-V2/V3); null projects queries directly (V2-Lite)."""
+    kv_lora_rank: int = Field(gt=0, le=MAX_WIDTH)
+    """Rank of the joint key/value latent c_kv."""
+    qk_nope_head_dim: int = Field(gt=0, le=MAX_WIDTH)
+    """Per-head query/key width without position information."""
+    qk_rope_head_dim: int = Field(gt=0, le=MAX_WIDTH)
+    """Per-head query width (and shared key width) that RoPE rotates; even."""
+    v_head_dim: int = Field(gt=0, le=MAX_WIDTH)
+    """Per-head value width."""
+    bias: bool = False
+    """Bias on the q/kv down-projections and the output projection (DeepSeek's attention_bias)."""
+    latent_norm_eps: float = Field(1e-6, gt=0, lt=1)
+    """eps of the RMSNorms on the q and kv latents (transformers and DeepSeek use 1e-6, not rms_norm_eps)."""
+    rope_interleave: bool = True
+    """RoPE rotates adjacent pairs (x0, x1), (x2, x3), ... as DeepSeek's weights expect; false rotates halves."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Query/key head width: nope + rope."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def qk_norm(self) -> str:
+        return "none"
+
+
+AttentionSpec = Annotated[MHASpec | GQASpec | MLASpec, Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------------ ffn
@@ -136,12 +193,28 @@ class PaperMoESpec(_Section):
 
 
 class GateSpec(_Section):
-    score: Literal["softmax"] = "softmax"
-    """Scoring function over the routed experts (softmax, as in DeepSeekMoE)."""
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    """Scoring function over the routed experts: softmax (DeepSeekMoE, V2, Qwen, Mixtral, OLMoE) or a sigmoid
+    per expert (DeepSeek-V3)."""
     normalize_topk: bool = False
     """Renormalize the chosen experts' gate values to sum to 1 (Mixtral, DeepSeek-V3); DeepSeekMoE does not."""
     routed_scaling: float = Field(1.0, gt=0, le=1e6)
     """Multiplies the routed experts' gate values (DeepSeek-V2/V3's routed_scaling_factor)."""
+    selection_bias: bool = False
+    """A per-expert bias added to the scores only to choose the top-k (DeepSeek-V3's aux-loss-free balancing);
+    gate values stay the unbiased scores."""
+    bias_update_speed: float = Field(0.0, ge=0, le=1e3)
+    """gamma of the sign rule applied after each training step: b_i += gamma * sign(mean load - load_i);
+    0 keeps the bias fixed."""
+    bias_is_parameter: bool = True
+    """Count the selection bias among the parameters (DeepSeek's reference code holds it as a parameter,
+    transformers as a buffer). It is never trained by gradients either way."""
+    n_group: int = Field(1, gt=0, le=MAX_EXPERTS)
+    """Group-limited routing (DeepSeek-V2/V3): routed experts are split into n_group groups and each token
+    picks its top-k among the experts of its topk_group best groups; 1 disables it."""
+    topk_group: int = Field(1, gt=0, le=MAX_EXPERTS)
+    """Groups each token may use. A group's score is its best expert's score, or the sum of its two best
+    (biased) scores when selection_bias is on (DeepSeek-V3)."""
 
 
 class BalanceSpec(_Section):
@@ -184,6 +257,8 @@ class MoESpec(_Section):
     """Auxiliary balance losses."""
     capacity_factor: float | None = Field(None, gt=0, le=1024)
     """Token-dropping capacity (GShard/Switch baselines); null is dropless."""
+    shared_gate: bool = False
+    """Scale the shared experts' output by sigmoid(w . x), one gate vector per layer (Qwen2-MoE)."""
 
     @model_validator(mode="after")
     def _has_a_form(self) -> MoESpec:
@@ -243,7 +318,7 @@ class ModelSpec(_Section):
     positions: PositionsSpec = RopeSpec()
     """Position information: rope, learned or none."""
     attention: AttentionSpec
-    """Attention block (kind: mha | gqa)."""
+    """Attention block (kind: mha | gqa | mla)."""
     ffn: FFNSpec
     """Dense feed-forward block; its activation is used by the experts too."""
     moe: MoESpec | None = None
@@ -301,7 +376,12 @@ class ModelSpec(_Section):
                 f"attention.n_heads: {att.n_heads} does not divide d_model {self.d_model}; "
                 "choose a divisor or give attention.head_dim"
             )
-        if isinstance(self.positions, RopeSpec) and self.head_dim % 2:
+        if isinstance(att, MLASpec):
+            if isinstance(self.positions, RopeSpec) and att.qk_rope_head_dim % 2:
+                raise ValueError(
+                    f"attention.qk_rope_head_dim: rope needs an even width, got {att.qk_rope_head_dim}"
+                )
+        elif isinstance(self.positions, RopeSpec) and self.head_dim % 2:
             raise ValueError(f"attention.head_dim: rope needs an even head dim, got {self.head_dim}")
         if self.moe is not None:
             self._check_moe(self.moe)
@@ -354,6 +434,24 @@ class ModelSpec(_Section):
             raise ValueError(
                 f"moe.top_k: {d.top_k} > routed experts {d.routed_experts}; top_k must be <= routed_experts"
             )
+        g = moe.gate
+        if d.routed_experts % g.n_group:
+            raise ValueError(
+                f"moe.gate.n_group: {g.n_group} does not divide the {d.routed_experts} routed experts"
+            )
+        if g.topk_group > g.n_group:
+            raise ValueError(f"moe.gate.topk_group: {g.topk_group} > n_group {g.n_group}; use at most n_group")
+        if d.top_k > g.topk_group * (d.routed_experts // g.n_group):
+            raise ValueError(
+                f"moe.gate.topk_group: {g.topk_group} groups of {d.routed_experts // g.n_group} experts "
+                f"hold fewer than top_k={d.top_k}; allow more groups"
+            )
+        if g.selection_bias and g.n_group > 1 and d.routed_experts // g.n_group < 2:
+            raise ValueError("moe.gate.n_group: a biased group score sums each group's two best; use >= 2 per group")
+        if g.bias_update_speed and not g.selection_bias:
+            raise ValueError("moe.gate.bias_update_speed: set selection_bias: true for the bias to be updated")
+        if moe.shared_gate and not d.shared_experts:
+            raise ValueError("moe.shared_gate: there is no shared expert to gate; set shared_experts")
         groups = moe.balance.device_groups
         if d.routed_experts % groups:
             raise ValueError(

@@ -2,7 +2,18 @@
 
 from ._data import Corpus, DataError, default_cache_dir, load_corpus, read_token_file, write_token_file
 from ._experts import Experts
-from ._layers import Attention, Block, FeedForward, ModelOutput, MoE, Transformer, init_weights, make_norm
+from ._layers import (
+    Attention,
+    Block,
+    FeedForward,
+    MLAttention,
+    ModelOutput,
+    MoE,
+    Transformer,
+    Yarn,
+    init_weights,
+    make_norm,
+)
 
 __all__ = [
     "Corpus",
@@ -15,6 +26,8 @@ __all__ = [
     "Block",
     "Experts",
     "FeedForward",
+    "MLAttention",
+    "Yarn",
     "ModelOutput",
     "MoE",
     "Transformer",

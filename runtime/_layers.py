@@ -1,7 +1,7 @@
 """The model, top-down: leaves (norms, rope, attention, FFN, MoE) -> block -> Transformer.
 
 Legend for MoE tensors: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K routed
-experts per token, G device groups.
+experts per token, G device groups, R routing groups (group-limited routing), J = E/R experts per group.
 
 Leaf modules take plain arguments; only `compiler.build` reads the spec. Every choice is made at build
 time, so `forward` is straight-line code.
@@ -32,12 +32,62 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------- rope
-def rope_cos_sin(seq: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (arXiv 2309.00071) with DeepSeek's mscale terms; plain numbers, read at build time."""
+
+    factor: float
+    original_max_positions: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    @staticmethod
+    def _mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """Factor on cos/sin (the paper's sqrt(1/t)), as transformers computes it."""
+        if self.mscale and self.mscale_all_dim:
+            return self._mscale(self.factor, self.mscale) / self._mscale(self.factor, self.mscale_all_dim)
+        return self._mscale(self.factor)
+
+    @property
+    def softmax_scale(self) -> float:
+        """Extra factor on MLA's softmax scale (DeepSeek-V2/V3): mscale(factor, mscale_all_dim) squared."""
+        return self._mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+    def inv_freq(self, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+        """Frequencies below the beta_slow boundary are divided by factor, above beta_fast kept, ramped between."""
+
+        def dim_for(rotations: float) -> float:
+            return head_dim * math.log(self.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(dim_for(self.beta_fast)), 0)
+        high = min(math.ceil(dim_for(self.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001
+        pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        ramp = ((torch.arange(head_dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+        return (1.0 / (self.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_cos_sin(
+    seq: int, head_dim: int, theta: float, device: torch.device, yarn: Yarn | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [S, head_dim] in the rotate-half layout (as HF transformers and Llama use)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if yarn is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    else:
+        inv_freq = yarn.inv_freq(head_dim, theta, device)
     angles = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [S, dh/2]
     angles = torch.cat((angles, angles), dim=-1)  # [S, dh]
-    return angles.cos(), angles.sin()
+    if yarn is None:
+        return angles.cos(), angles.sin()
+    return angles.cos() * yarn.cos_sin_scale, angles.sin() * yarn.cos_sin_scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,10 +112,11 @@ class Attention(nn.Module):
         qk_norm: str = "none",
         rope_theta: float | None = 10000.0,
         norm_eps: float = 1e-6,
+        yarn: Yarn | None = None,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta = rope_theta
+        self.rope_theta, self.yarn = rope_theta, yarn
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
@@ -89,7 +140,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.per_head_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x.device)
+            cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x.device, self.yarn)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
@@ -97,6 +148,70 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, dh]
         return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 eq. 9-19), causal.
+
+    c_q = norm(W_qa x) and q = W_qb c_q (or q = W_q x without query compression); [c_kv, k_rope] = W_kva x;
+    [k_nope, v] = W_kvb norm(c_kv) per head. RoPE rotates each query head's last qk_rope dims and the one
+    k_rope shared by all heads; scores use the head width nope + rope, values have width v.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        q_lora_rank: int | None,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        bias: bool = False,
+        latent_norm_eps: float = 1e-6,
+        rope_theta: float | None = 10000.0,
+        yarn: Yarn | None = None,
+        rope_interleave: bool = True,
+    ):
+        super().__init__()
+        H, qk = n_heads, qk_nope_head_dim + qk_rope_head_dim
+        self.n_heads, self.nope, self.rope, self.v_head_dim = H, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_theta, self.yarn, self.rope_interleave = rope_theta, yarn, rope_interleave
+        self.wq = nn.Linear(dim, H * qk, bias=False) if q_lora_rank is None else None
+        self.wq_a = nn.Linear(dim, q_lora_rank, bias=bias) if q_lora_rank is not None else None
+        self.q_norm = nn.RMSNorm(q_lora_rank, eps=latent_norm_eps) if q_lora_rank is not None else None
+        self.wq_b = nn.Linear(q_lora_rank, H * qk, bias=False) if q_lora_rank is not None else None
+        self.wkv_a = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=latent_norm_eps)
+        self.wkv_b = nn.Linear(kv_lora_rank, H * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = nn.Linear(H * v_head_dim, dim, bias=bias)
+        self.scale = qk**-0.5 * (yarn.softmax_scale if yarn is not None else 1.0)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rope_interleave:
+            # Pairs (x0, x1), (x2, x3), ... share a frequency: gather evens then odds and rotate halves. q and k
+            # get the same permutation, so their dot products equal the interleaved rotation's.
+            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+        return apply_rope(x, cos, sin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        H = self.n_heads
+        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, S, H*(n+r)]
+        q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)  # [B, H, S, n+r]
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # [B, S, c], [B, S, r]
+        kv = self.wkv_b(self.kv_norm(c_kv)).view(B, S, H, self.nope + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_head_dim], dim=-1)  # [B, H, S, n], [B, H, S, v]
+        k_rope = k_rope.view(B, 1, S, self.rope)  # one rotated key shared by all heads
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(S, self.rope, self.rope_theta, x.device, self.yarn)
+            q_rope, k_rope = self._rotate(q_rope, cos, sin), self._rotate(k_rope, cos, sin)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # [B, H, S, n+r]
+        k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope)), dim=-1)  # [B, H, S, n+r]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, H, S, v]
+        return self.wo(y.transpose(1, 2).reshape(B, S, H * self.v_head_dim))
 
 
 # --------------------------------------------------------------------------------------------- ffn
@@ -124,6 +239,11 @@ class MoE(nn.Module):
     out_t = sum_i shared_i(u_t) + sum_{i in topK} g_i,t routed_i(u_t), with g the softmax scores over the
     routed experts (renormalized over the top-K if asked, times the routed scaling factor). The residual
     u_t is added by the block. Balance losses (eq. 12-17) are returned as `aux_loss`.
+
+    Later variants, each chosen at build time: sigmoid scores with a selection bias b that only decides
+    which experts are chosen (DeepSeek-V3, arXiv 2412.19437 eq. 16; `update_bias` applies its sign rule),
+    group-limited routing (top-k among the best topk_group of n_group expert groups, V2 and V3), and a
+    sigmoid gate on the shared expert's output (Qwen2-MoE).
     """
 
     def __init__(
@@ -142,9 +262,29 @@ class MoE(nn.Module):
         device_alpha: float = 0.0,
         device_groups: int = 1,
         capacity_factor: float | None = None,
+        score: str = "softmax",
+        selection_bias: bool = False,
+        bias_update_speed: float = 0.0,
+        bias_is_parameter: bool = True,
+        n_group: int = 1,
+        topk_group: int = 1,
+        shared_gate: bool = False,
     ):
         super().__init__()
         self.n_routed, self.top_k = n_routed, top_k
+        self.sigmoid = score == "sigmoid"
+        self.n_group, self.topk_group = n_group, topk_group
+        self.bias_update_speed = bias_update_speed
+        if not selection_bias:
+            self.selection_bias: torch.Tensor | None = None
+        else:
+            bias_E = torch.zeros(n_routed)
+            if bias_is_parameter:  # counted like DeepSeek's reference code; the sign rule, not autograd, moves it
+                self.selection_bias = nn.Parameter(bias_E, requires_grad=False)
+            else:
+                self.register_buffer("selection_bias", bias_E)
+            # Routed tokens per expert since the last `update_bias` (training only; not saved).
+            self.register_buffer("load_E", torch.zeros(n_routed), persistent=False)
         self.normalize_topk, self.routed_scaling = normalize_topk, routed_scaling
         self.expert_alpha, self.per_sequence = expert_alpha, per_sequence
         self.device_alpha, self.device_groups = device_alpha, device_groups
@@ -153,12 +293,17 @@ class MoE(nn.Module):
         self.experts = Experts(dim, hidden, n_routed, activation)
         # K_s shared experts of width h are one FFN of width K_s*h: sum_i W2_i f(W1_i x) = [W2_i] f([W1_i] x).
         self.shared = FeedForward(dim, n_shared * (shared_hidden or hidden), activation) if n_shared else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
-        scores_TE = self.router(x_TD).float().softmax(dim=-1)  # softmax over routed experts only
-        topk_w_TK, topk_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+        logits_TE = self.router(x_TD).float()
+        scores_TE = logits_TE.sigmoid() if self.sigmoid else logits_TE.softmax(dim=-1)  # over routed experts only
+        topk_idx_TK = self._choose(scores_TE)
+        topk_w_TK = scores_TE.gather(1, topk_idx_TK)  # gate values: unbiased scores of the chosen experts
+        if self.selection_bias is not None and self.training:
+            self.load_E += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed).to(self.load_E.dtype)
         if self.normalize_topk:
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
         topk_w_TK = topk_w_TK * self.routed_scaling
@@ -167,9 +312,43 @@ class MoE(nn.Module):
         else:
             out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK, capacity_factor=self.capacity_factor)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD  # Qwen2-MoE's shared_expert_gate
+            out_TD = out_TD + shared_TD
+        if self.sigmoid:  # balance losses use per-token normalized affinities (DeepSeek-V3 eq. 19-20)
+            scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         aux = self.balance_loss(scores_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1))
         return out_TD.view(B, S, D), aux
+
+    def _choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Indices [T, K] of the chosen experts: top-k of the (biased) scores within the best groups."""
+        choice_TE = scores_TE if self.selection_bias is None else scores_TE + self.selection_bias
+        if self.n_group > 1:
+            T, E = choice_TE.shape
+            choice_TRJ = choice_TE.view(T, self.n_group, E // self.n_group)
+            if self.selection_bias is None:
+                group_TR = choice_TRJ.amax(dim=-1)  # DeepSeek-V2: a group's best expert
+            else:
+                group_TR = choice_TRJ.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of its two best
+            best_TR = torch.zeros_like(group_TR, dtype=torch.bool)
+            best_TR.scatter_(1, group_TR.topk(self.topk_group, dim=-1).indices, True)
+            choice_TE = choice_TRJ.masked_fill(~best_TR[..., None], float("-inf")).view(T, E)
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing's sign rule (DeepSeek-V3 section 2.1.2), called by the trainer after a step.
+
+        b_i += gamma * sign(mean load - load_i) over the tokens routed since the last call, then the counts
+        restart: overloaded experts become less likely to be chosen, underloaded ones more.
+        """
+        if self.selection_bias is None:
+            return
+        if self.bias_update_speed:
+            load_E = self.load_E
+            self.selection_bias.add_(self.bias_update_speed * torch.sign(load_E.mean() - load_E))
+        self.load_E.zero_()
 
     def balance_loss(self, scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) -> torch.Tensor:
         """Expert-level (eq. 12-14) and device-level (eq. 15-17) balance losses.
@@ -208,7 +387,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
 
-    def __init__(self, attention: Attention, ffn: nn.Module, norm_kind: str, dim: int, eps: float):
+    def __init__(self, attention: Attention | MLAttention, ffn: nn.Module, norm_kind: str, dim: int, eps: float):
         super().__init__()
         self.attention_norm = make_norm(norm_kind, dim, eps)
         self.attention = attention
@@ -259,6 +438,11 @@ class Transformer(nn.Module):
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, blk.ffn) for i, blk in enumerate(self.layers) if isinstance(blk.ffn, MoE)]
+
+    def update_biases(self) -> None:
+        """Apply every MoE layer's selection-bias sign rule (`MoE.update_bias`); call after each optimizer step."""
+        for _, moe in self.moe_layers():
+            moe.update_bias()
 
 
 def init_weights(model: Transformer, std: float, n_layers: int) -> None:
