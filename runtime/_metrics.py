@@ -1,0 +1,142 @@
+"""MoE load metrics: how many routed tokens each expert of each MoE layer received during training.
+
+Legend: E routed experts of one layer.
+
+Counting is cheap: after each training forward, `LoadTracker.update()` adds every MoE layer's
+`experts.last_counts_E` (written by `runtime.Experts` on each forward) into a device-resident int64
+accumulator, with no host sync. Where a layer's experts do not record counts, a forward hook on its router
+recomputes them from the router logits (top-k of the scores, the same choice the layer makes).
+
+Two accumulators per layer: `window` (since the last `window_stats()` call, for metrics.jsonl) and `total`
+(the whole run, for the summary; saved in checkpoints so a resumed run keeps counting).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def load_stats(counts_E: torch.Tensor) -> dict[str, Any]:
+    """Summary of one layer's routed-token counts per expert.
+
+    Returns:
+        tokens_per_expert: the counts; tokens: their sum (token-expert pairs); max_over_mean: the busiest
+        expert's load relative to a perfectly even split; cv: coefficient of variation (std / mean,
+        population std); dead: experts that received no token.
+    """
+    c = counts_E.detach().to("cpu", torch.float64)
+    total = float(c.sum())
+    mean = total / max(c.numel(), 1)
+    return {
+        "tokens_per_expert": [int(v) for v in c.tolist()],
+        "tokens": int(total),
+        "max_over_mean": float(c.max()) / mean if mean > 0 else None,
+        "cv": float(c.std(unbiased=False)) / mean if mean > 0 else None,
+        "dead": int((c == 0).sum()),
+    }
+
+
+class LoadTracker:
+    """Accumulates routed-token counts per expert for every MoE layer of a model.
+
+    Args:
+        model: anything with `moe_layers()` -> [(layer_index, moe_module)], where `moe_module.experts` is a
+            `runtime.Experts` (or has `router` and `top_k` for the hook fallback). A model without the method
+            or without MoE layers gives an empty tracker.
+    """
+
+    def __init__(self, model: nn.Module):
+        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        self.layers: list[tuple[int, nn.Module]] = list(layers)
+        self._hooked: dict[int, torch.Tensor | None] = {}
+        self._handles = []
+        self.total: dict[int, torch.Tensor] = {}
+        self.window: dict[int, torch.Tensor] = {}
+        self._dropped: dict[int, list[torch.Tensor]] = {}
+        for i, moe in self.layers:
+            if not hasattr(moe.experts, "last_counts_E"):
+                self._hooked[i] = None
+                self._handles.append(moe.router.register_forward_hook(self._router_hook(i, moe)))
+
+    def _router_hook(self, i: int, moe: nn.Module):
+        def hook(_module, _inputs, logits_TE):
+            idx_TK = logits_TE.detach().topk(moe.top_k, dim=-1).indices  # softmax is monotone: same top-k
+            self._hooked[i] = torch.bincount(idx_TK.reshape(-1), minlength=logits_TE.shape[-1])
+
+        return hook
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layers)
+
+    def _last_counts(self, i: int, moe: nn.Module) -> torch.Tensor | None:
+        if i in self._hooked:
+            return self._hooked[i]
+        return moe.experts.last_counts_E
+
+    def update(self) -> None:
+        """Add the counts of the latest forward (call once after each training forward)."""
+        for i, moe in self.layers:
+            c = self._last_counts(i, moe)
+            if c is None:
+                continue
+            c = c.detach().to(torch.int64)
+            if i not in self.total:
+                self.total[i] = torch.zeros_like(c)
+            if i not in self.window:
+                self.window[i] = torch.zeros_like(c)
+            self.total[i] += c
+            self.window[i] += c
+            dropped = getattr(moe.experts, "last_dropped_fraction", None)
+            if getattr(moe.experts, "capacity_factor", None) is not None and dropped is not None:
+                self._dropped.setdefault(i, []).append(dropped.detach().float().reshape(()))
+
+    def window_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-layer stats of the counts since the previous call (which it resets), keyed by layer index."""
+        out = {str(i): _compact(load_stats(c)) for i, c in sorted(self.window.items())}
+        for i, d in self._dropped.items():
+            if d:
+                out[str(i)]["dropped_fraction"] = float(torch.stack(d).mean())
+        self.window = {}
+        self._dropped = {}
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Per-layer stats over the whole run (tokens per expert included) and the worst layer's figures."""
+        layers = {str(i): load_stats(c) for i, c in sorted(self.total.items())}
+        if not layers:
+            return {"layers": {}}
+        cvs = [s["cv"] for s in layers.values() if s["cv"] is not None]
+        mom = [s["max_over_mean"] for s in layers.values() if s["max_over_mean"] is not None]
+        return {
+            "layers": layers,
+            "max_cv": max(cvs) if cvs else None,
+            "max_over_mean": max(mom) if mom else None,
+            "dead_experts": sum(s["dead"] for s in layers.values()),
+        }
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The run totals, for a checkpoint."""
+        return {f"load.{i}": c.detach().cpu() for i, c in self.total.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        for key, c in tensors.items():
+            if key.startswith("load."):
+                self.total[int(key.split(".", 1)[1])] = c.to(device, torch.int64)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _compact(stats: dict[str, Any]) -> dict[str, Any]:
+    # metrics.jsonl lines stay short: rounded figures; counts per expert only in the summary
+    out = {k: v for k, v in stats.items() if k != "tokens_per_expert"}
+    for k in ("max_over_mean", "cv"):
+        if out[k] is not None:
+            out[k] = round(out[k], 4)
+    return out
