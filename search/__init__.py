@@ -1,0 +1,61 @@
+"""Budget-constrained architecture search over model specs with Optuna.
+
+Public API:
+    load_search(path_or_name, overrides=()) -> SearchSpec
+    search_schema() -> dict (JSON Schema of search specs)
+    trial_to_spec(search, params) -> ModelSpec      the one way a trial becomes a spec (pure)
+    constraint_values(search, spec) -> list[float]  Optuna's convention, <= 0 feasible
+    run_search(search, RunConfig(run_dir, ...), evaluate=None) -> summary dict
+    report(run_dir, storage, study) -> (SearchSpec, trial records)
+"""
+
+from ._driver import FAKE_ENV, RunConfig, report, run_one_worker, run_search
+from ._results import leaderboard, trial_record, trial_records, write_results
+from ._run import (
+    Evaluate,
+    SearchStop,
+    TrialFailed,
+    WorkerOptions,
+    counted,
+    fake_evaluator,
+    make_sampler,
+    open_storage,
+    open_study,
+    real_evaluator,
+    run_worker,
+)
+from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
+from ._spec import SearchSpec, load_search, search_schema
+
+__all__ = [
+    "FAKE_ENV",
+    "Evaluate",
+    "Infeasible",
+    "RunConfig",
+    "SearchSpec",
+    "SearchStop",
+    "TrialFailed",
+    "WorkerOptions",
+    "constraint_values",
+    "counted",
+    "describe",
+    "fake_evaluator",
+    "grid_space",
+    "leaderboard",
+    "load_search",
+    "make_sampler",
+    "open_storage",
+    "open_study",
+    "real_evaluator",
+    "report",
+    "run_one_worker",
+    "run_search",
+    "run_worker",
+    "search_schema",
+    "spec_key",
+    "suggest",
+    "trial_record",
+    "trial_records",
+    "trial_to_spec",
+    "write_results",
+]

@@ -1,0 +1,207 @@
+"""The search command's engine: open the study, run workers (here or as processes), write the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ._results import write_results
+from ._run import (
+    Evaluate,
+    WorkerOptions,
+    best_trial,
+    counted,
+    default_storage,
+    fake_evaluator,
+    is_rdb,
+    open_study,
+    real_evaluator,
+    redact,
+    run_worker,
+    stored_search,
+)
+from ._spec import SearchSpec
+
+FAKE_ENV = "MOEFORGE_SEARCH_FAKE_S"  # tests: a fake objective of this many seconds per trial
+
+
+@dataclass
+class RunConfig:
+    """Where and how a search runs (the command line's options)."""
+
+    run_dir: Path
+    storage: str | None = None
+    study: str | None = None
+    workers: int = 1
+    device: str | None = None
+    fake_seconds: float | None = None
+    plots: bool = True
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _evaluator(search: SearchSpec, cfg: RunConfig) -> Evaluate:
+    fake = cfg.fake_seconds if cfg.fake_seconds is not None else os.environ.get(FAKE_ENV)
+    if fake is not None:
+        return fake_evaluator(float(fake), search.train.eval_points)
+    return real_evaluator(search, cfg.device)
+
+
+def run_search(
+    search: SearchSpec,
+    cfg: RunConfig,
+    evaluate: Evaluate | None = None,
+    log: Callable[[str], None] = _log,
+) -> dict[str, Any]:
+    """Run (or resume) a search to its trial cap and write its results into the run dir.
+
+    Args:
+        search: a loaded search spec (`load_search`).
+        cfg: run dir, storage URL (default a journal file in the run dir), study name (default the search
+            name), worker processes.
+        evaluate: trains one spec at one seed; default the real trainer (tests pass fakes).
+
+    Returns:
+        The summary of `write_results` plus the storage and study name.
+    """
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url = cfg.storage or default_storage(run_dir)
+    name = cfg.study or search.name
+    study = open_study(search, url, name)
+    # The default journal is stored relative to the run dir, so a moved run dir still reports.
+    stored = "study.journal" if cfg.storage is None else (url if is_rdb(url) else str(Path(url).resolve()))
+    run_info = {"storage": redact(stored), "study": name, "search": search.name}
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    done_before = len(counted(study.get_trials(deepcopy=False)))
+    log(
+        f"search {search.name!r}: study {name!r} in {redact(url)}; {done_before}/{search.n_trials} trials done, "
+        f"{search.budget.train_flops:.3g} training FLOPs each"
+    )
+    interrupted = False
+    try:
+        if cfg.workers <= 1:
+            run_worker(search, study, evaluate or _evaluator(search, cfg), WorkerOptions(run_dir, 0, log))
+        else:
+            _run_processes(search, study, url, name, cfg, log)
+    except KeyboardInterrupt:
+        interrupted = True
+    summary = write_results(study, search, run_dir, plots=cfg.plots)
+    summary.update(storage=redact(url), study=name, run_dir=str(run_dir), interrupted=interrupted)
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def run_one_worker(run_dir: Path, storage: str, study_name: str, worker: int, cfg: RunConfig) -> int:
+    """The hidden ``--worker`` entry point: join the study and work until the cap."""
+    probe = optuna.load_study(study_name=study_name, storage=storage_for(storage))
+    search = stored_search(probe)
+    study = open_study(search, storage, study_name, worker)
+    evaluate = _evaluator(search, cfg)
+    return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log))
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    from ._run import open_storage
+
+    return open_storage(url)
+
+
+def _gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [v for v in visible.split(",") if v.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _run_processes(
+    search: SearchSpec, study: optuna.Study, url: str, name: str, cfg: RunConfig, log: Callable[[str], None]
+) -> None:
+    """N worker processes of this same command; one GPU each when there are GPUs; poll for the best."""
+    gpus = _gpus() if (cfg.device or search.train.device) in ("auto", "cuda") else []
+    procs = []
+    for i in range(cfg.workers):
+        cmd = [sys.executable, "-m", "moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir)]
+        cmd += ["--storage", url, "--study", name]
+        if cfg.device:
+            cmd += ["--device", cfg.device]
+        if cfg.fake_seconds is not None:
+            cmd += ["--fake-objective", str(cfg.fake_seconds)]
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    last = None
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(3)
+            best = best_trial(study)
+            if best is not None and best.number != last:
+                last = best.number
+                n = len(counted(study.get_trials(deepcopy=False)))
+                log(
+                    f"best so far: trial {best.number}, {search.objective.metric} {best.values[0]:.4f} ({n}/{search.n_trials} trials)"
+                )
+    except KeyboardInterrupt:
+        for p in procs:
+            try:
+                p.wait(timeout=30)  # Ctrl-C reached the workers too; let them record their trials
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    bad = [p.returncode for p in procs if p.returncode not in (0, None)]
+    if bad:
+        log(f"{len(bad)} worker(s) exited with status {bad}; finished trials are kept, rerun to resume")
+
+
+def report(
+    run_dir: Path | None, storage: str | None, study_name: str | None, plots: bool = True
+) -> tuple[SearchSpec, list[dict]]:
+    """Load a search's study (from a run dir's run.json, or a storage URL) and rewrite its results."""
+    from ._results import trial_records
+
+    if storage is None:
+        if run_dir is None:
+            raise FileNotFoundError("give a RUN_DIR or --storage URL")
+        info_path = run_dir / "run.json"
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{run_dir}: not a search run dir (no run.json)")
+        info = json.loads(info_path.read_text())
+        storage = info["storage"]
+        study_name = study_name or info["study"]
+        if not is_rdb(storage) and not Path(storage).is_absolute():
+            storage = str(run_dir / storage)
+        if "***" in storage:
+            raise FileNotFoundError(
+                f"{run_dir}: the storage URL's password is not stored; give --storage URL"
+            )
+    st = storage_for(storage)
+    if study_name is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(st)]
+        if len(names) != 1:
+            raise FileNotFoundError(f"{redact(storage)} holds studies {names}; give --study NAME")
+        study_name = names[0]
+    try:
+        study = optuna.load_study(study_name=study_name, storage=st)
+    except KeyError:
+        raise FileNotFoundError(f"no study {study_name!r} in {redact(storage)}") from None
+    search = stored_search(study)
+    if run_dir is not None:
+        write_results(study, search, run_dir, plots=plots)
+    return search, trial_records(study)

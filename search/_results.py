@@ -1,0 +1,225 @@
+"""What a search leaves in its run dir: trials.json / trials.csv, best.yaml, plots (PNG and HTML)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from compiler import ModelSpec, spec_to_yaml
+
+from ._run import best_trial, counted
+from ._spec import SearchSpec
+
+RECORD_KEYS = (
+    "number",
+    "state",
+    "value",
+    "values",
+    "params",
+    "m",
+    "routed_experts",
+    "shared_experts",
+    "top_k",
+    "expert_hidden",
+    "d_model",
+    "n_layers",
+    "params_total",
+    "params_activated",
+    "forward_flops_per_token",
+    "train_flops",
+    "budget_flops",
+    "tokens",
+    "initial_val_loss",
+    "val_bits_per_byte",
+    "tokens_per_second",
+    "load",
+    "seed_values",
+    "value_mean",
+    "value_std",
+    "counted",
+    "infeasible",
+    "reused_from",
+    "retry_of",
+    "fail_reason",
+    "died",
+    "constraints",
+    "worker",
+    "duration_s",
+)
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    """One trial as trials.json writes it (missing numbers are null)."""
+    ua = t.user_attrs
+    rec: dict[str, Any] = {k: ua.get(k) for k in RECORD_KEYS}
+    rec.update(
+        number=t.number,
+        state=t.state.name,
+        value=t.values[0] if t.values else None,
+        values=list(t.values) if t.values else None,
+        params=dict(t.params),
+        counted=bool(ua.get("counted")) and t.state != TrialState.WAITING,
+        duration_s=t.duration.total_seconds() if t.duration else None,
+    )
+    retry = t.system_attrs.get("failed_trial")
+    if retry is not None and rec["retry_of"] is None:
+        rec["retry_of"] = retry
+    return rec
+
+
+def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
+    return [trial_record(t) for t in study.get_trials(deepcopy=False)]
+
+
+def write_results(
+    study: optuna.Study, search: SearchSpec, run_dir: Path, plots: bool = True
+) -> dict[str, Any]:
+    """Write trials.json, trials.csv, best.yaml and the plots; returns a short summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records = trial_records(study)
+    (run_dir / "trials.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
+    _write_csv(run_dir / "trials.csv", records)
+    best = best_trial(study)
+    if best is not None and "spec" in best.user_attrs:
+        spec = ModelSpec.model_validate(best.user_attrs["spec"])
+        spec = spec.model_copy(update={"name": f"{search.name}-best"})
+        header = (
+            f"Best of search {search.name!r}: trial {best.number}, {search.objective.metric} = {best.values[0]:.4f}\n"
+            f"params: {json.dumps(best.params)}; trained on {search.budget.train_flops:.3g} FLOPs per seed"
+        )
+        (run_dir / "best.yaml").write_text(spec_to_yaml(spec, header=header))
+    made = write_plots(study, search, run_dir, records) if plots else []
+    return {
+        "trials": len(records),
+        "counted": len(counted(study.get_trials(deepcopy=False))),
+        "complete": sum(r["state"] == "COMPLETE" and r["reused_from"] is None for r in records),
+        "best": trial_record(best) if best else None,
+        "plots": made,
+    }
+
+
+def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    param_names = sorted({k for r in records for k in r["params"]})
+    cols = [k for k in RECORD_KEYS if k not in ("params", "values", "load", "constraints")]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols[:4] + [f"param:{p}" for p in param_names] + cols[4:] + ["load"])
+        for r in records:
+            row = [r[c] for c in cols]
+            params = [r["params"].get(p) for p in param_names]
+            load = json.dumps(r["load"]) if r["load"] is not None else None
+            w.writerow(row[:4] + params + row[4:] + [load])
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records: list[dict]) -> list[str]:
+    """PNG (matplotlib) and HTML (plotly) plots; each one that cannot be drawn yet is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization as pv
+    import optuna.visualization.matplotlib as pm
+
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = search.objective.metric
+    multi = search.objective.params_total
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "reused_from" not in t.user_attrs
+    ]
+    made: list[str] = []
+    target = (lambda t: t.values[0]) if multi else None
+    target_name = metric
+
+    def save(name: str, mpl: Any, html: Any) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = mpl()
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+                plt.close(fig)
+                html().write_html(out_dir / f"{name}.html", include_plotlyjs="directory")
+            made.append(name)
+        except Exception as e:  # noqa: BLE001 - a plot is never worth failing the search for
+            (out_dir / f"{name}.error.txt").write_text(f"{type(e).__name__}: {e}\n")
+
+    if complete:
+        save(
+            "history",
+            lambda: pm.plot_optimization_history(study, target=target, target_name=target_name),
+            lambda: pv.plot_optimization_history(study, target=target, target_name=target_name),
+        )
+    n_params = len({k for t in complete for k in t.params})
+    if len(complete) >= 2 and n_params > 1:
+        save(
+            "importances",
+            lambda: pm.plot_param_importances(study, target=target, target_name=target_name),
+            lambda: pv.plot_param_importances(study, target=target, target_name=target_name),
+        )
+    if multi and complete:
+        save(
+            "pareto",
+            lambda: pm.plot_pareto_front(study, target_names=[metric, "params_total"]),
+            lambda: pv.plot_pareto_front(study, target_names=[metric, "params_total"]),
+        )
+    done = [r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None]
+    for key, label in (("m", "segmentation m"), ("shared_experts", "shared experts K_s")):
+        xs = [r[key] for r in done if r[key] is not None]
+        if len(set(xs)) >= 2:
+            name = f"loss_vs_{'m' if key == 'm' else 'K_s'}"
+            pts = [(r[key], r["value"], r["number"]) for r in done if r[key] is not None]
+            save(
+                name,
+                lambda pts=pts, label=label: _scatter_mpl(pts, label, metric),
+                lambda pts=pts, label=label: _scatter_html(pts, label, metric),
+            )
+    return made
+
+
+def _scatter_mpl(pts: list[tuple], xlabel: str, ylabel: str) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    for x, y, n in pts:
+        ax.annotate(str(n), (x, y), fontsize=7, alpha=0.6)
+    xs = sorted({p[0] for p in pts})
+    ax.set_xticks(xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} against {xlabel} (labels: trial numbers)")
+    return ax
+
+
+def _scatter_html(pts: list[tuple], xlabel: str, ylabel: str) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", text=[f"trial {p[2]}" for p in pts]
+        )
+    )
+    fig.update_layout(title=f"{ylabel} against {xlabel}", xaxis_title=xlabel, yaxis_title=ylabel)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------- leaderboard
+def leaderboard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete trials that trained, best first; then pruned, failed and infeasible ones."""
+    order = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
+
+    def key(r: dict) -> tuple:
+        kind = 5 if r["infeasible"] else (6 if r["reused_from"] is not None else order.get(r["state"], 7))
+        return (kind, r["value"] if r["value"] is not None else float("inf"), r["number"])
+
+    return sorted(records, key=key)

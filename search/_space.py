@@ -1,0 +1,222 @@
+"""Trial parameters -> model spec, and the analytic feasibility checks that run before anything is built."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from typing import Any
+
+from pydantic import ValidationError
+
+from compiler import ModelSpec, account, memory
+
+from ._spec import CategoricalParam, FloatParam, IntParam, SearchSpec
+
+
+class Infeasible(Exception):
+    """A proposal that cannot become a valid spec; the message says why."""
+
+
+# -------------------------------------------------------------------------------------------- suggest
+def suggest(trial: Any, search: SearchSpec) -> dict[str, Any]:
+    """Ask an Optuna trial for every parameter of the space; returns {name: value}."""
+    space = search.space
+    params: dict[str, Any] = {}
+    for key, dist in space.params.items():
+        if isinstance(dist, IntParam):
+            r = dist.int
+            params[key] = trial.suggest_int(key, r.low, r.high, step=r.step, log=r.log)
+        elif isinstance(dist, FloatParam):
+            f = dist.float
+            params[key] = trial.suggest_float(key, f.low, f.high, step=f.step, log=f.log)
+        else:
+            params[key] = trial.suggest_categorical(key, list(dist.categorical))
+    if space.granularity:
+        params["m"] = trial.suggest_categorical("m", list(space.granularity))
+    if space.shared:
+        params["K_s"] = trial.suggest_categorical("K_s", list(space.shared))
+    if space.width_depth:
+        params["n_layers"] = trial.suggest_categorical("n_layers", list(space.width_depth.n_layers))
+    return params
+
+
+def grid_space(search: SearchSpec) -> dict[str, list[Any]]:
+    """Every parameter's values, for the grid sampler."""
+    space = search.space
+    out: dict[str, list[Any]] = {}
+    for key, dist in space.params.items():
+        if isinstance(dist, CategoricalParam):
+            out[key] = list(dist.categorical)
+        elif isinstance(dist, IntParam):
+            out[key] = list(range(dist.int.low, dist.int.high + 1, dist.int.step))
+        else:
+            f = dist.float
+            assert f.step is not None
+            n = int(math.floor((f.high - f.low) / f.step + 1e-9))
+            out[key] = [f.low + i * f.step for i in range(n + 1)]
+    if space.granularity:
+        out["m"] = list(space.granularity)
+    if space.shared:
+        out["K_s"] = list(space.shared)
+    if space.width_depth:
+        out["n_layers"] = list(space.width_depth.n_layers)
+    return out
+
+
+# --------------------------------------------------------------------------------------- trial_to_spec
+def _set(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+
+
+def _validated(data: dict) -> ModelSpec:
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise Infeasible(f"invalid spec: {where}: {msg}" if where else f"invalid spec: {msg}") from None
+
+
+_FINE_KEYS = ("routed_experts", "shared_experts", "top_k", "expert_hidden")
+
+
+def trial_to_spec(search: SearchSpec, params: dict[str, Any]) -> ModelSpec:
+    """The model spec of one trial: the base spec's data with the trial's changes, validated as a ModelSpec.
+
+    Pure: the same search and params always give an equal (hashable) spec. Order: dotted `params` keys,
+    then m and K_s on the base's paper form (its fine-grained numbers are dropped, they follow from it),
+    then the width/depth trade.
+
+    Raises:
+        Infeasible: the changes do not make a valid spec, or no width keeps the FLOPs within tolerance.
+    """
+    assert isinstance(search.base, dict), "load the search with load_search, which resolves the base"
+    data = copy.deepcopy(search.base)
+    for key in search.space.params:
+        _set(data, key, params[key])
+    for name, field in (("m", "m"), ("K_s", "shared")):
+        if name in params:
+            moe = data.setdefault("moe", {})
+            for k in _FINE_KEYS:
+                moe.pop(k, None)
+            moe.setdefault("paper", {})[field] = params[name]
+    spec = _validated(data)
+    wd = search.space.width_depth
+    if wd is not None and params["n_layers"] != spec.n_layers:
+        spec = _trade_width_for_depth(
+            spec, data, params["n_layers"], wd.tolerance, _hidden_multiple(search, spec)
+        )
+    return spec
+
+
+def _hidden_multiple(search: SearchSpec, spec: ModelSpec) -> int:
+    """FFN widths stay divisible by every segmentation factor the search may use."""
+    ms = list(search.space.granularity or ())
+    if spec.moe is not None and spec.moe.paper is not None:
+        ms.append(spec.moe.paper.m)
+    return math.lcm(*ms) if ms else 1
+
+
+def _trade_width_for_depth(
+    spec: ModelSpec, data: dict, n_layers: int, tolerance: float, multiple: int
+) -> ModelSpec:
+    target = account(spec).forward_flops_per_token
+    d0, a = spec.d_model, spec.attention
+    group = a.n_heads // a.kv_heads
+    dh = spec.head_dim
+    quantum = dh * group  # d_model keeps the head dim and the GQA group
+    moe = spec.moe
+
+    def scaled(width: int, d: int, q: int) -> int:
+        return max(q, round(width * d / d0 / q) * q)
+
+    def at(d: int) -> dict:
+        out = copy.deepcopy(data)
+        out["n_layers"] = n_layers
+        out["d_model"] = d
+        out["attention"]["n_heads"] = d // dh
+        if a.kind == "gqa":
+            out["attention"]["n_kv_heads"] = d // dh // group
+        out["ffn"]["hidden"] = scaled(spec.ffn.hidden, d, multiple)
+        if moe is not None:
+            m_out = out["moe"]
+            if moe.paper is not None and moe.paper.standard_hidden:
+                m_out["paper"]["standard_hidden"] = scaled(moe.paper.standard_hidden, d, multiple)
+            if moe.paper is None and moe.expert_hidden:
+                m_out["expert_hidden"] = scaled(moe.expert_hidden, d, 1)
+            if moe.shared_hidden:
+                m_out["shared_hidden"] = scaled(moe.shared_hidden, d, 1)
+        return out
+
+    best: tuple[float, dict] | None = None
+    for k in range(1, max(2, 8 * d0 // quantum) + 1):
+        candidate = at(k * quantum)
+        try:
+            flops = account(ModelSpec.model_validate(candidate)).forward_flops_per_token
+        except ValidationError:
+            continue
+        miss = abs(flops / target - 1)
+        if best is None or miss < best[0]:
+            best = (miss, candidate)
+    if best is None or best[0] > tolerance:
+        miss_s = f"{best[0]:.1%}" if best else "no valid width"
+        raise Infeasible(
+            f"n_layers={n_layers}: no d_model keeps forward FLOPs/token within {tolerance:.0%} ({miss_s})"
+        )
+    return _validated(best[1])
+
+
+# ---------------------------------------------------------------------------------------- constraints
+def constraint_values(search: SearchSpec, spec: ModelSpec) -> list[float]:
+    """One number per constraint, Optuna's convention: <= 0 feasible, > 0 the relative violation."""
+    c = search.constraints
+    acc = account(spec)
+    out = []
+    for limit, value in (
+        (c.max_params_total, acc.params_total),
+        (c.max_params_activated, acc.params_activated),
+        (c.max_forward_flops_per_token, acc.forward_flops_per_token),
+        (c.max_memory_bytes, memory_bytes(search, spec)),
+    ):
+        if limit is not None:
+            out.append(value / limit - 1.0)
+    return out
+
+
+def memory_bytes(search: SearchSpec, spec: ModelSpec) -> int:
+    """Training state plus activations of one batch (batch_size defaults to 1 sequence here)."""
+    mem = memory(spec, search.constraints.memory_dtype)
+    batch = search.train.batch_size or 1
+    return mem.train_state_bytes + mem.activation_bytes_per_token * batch * spec.seq_len
+
+
+def spec_key(spec: ModelSpec) -> str:
+    """A digest that is equal for equal specs, in every process (hash() is salted per process)."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+
+
+def describe(spec: ModelSpec) -> dict[str, Any]:
+    """The numbers trials.json records about a trial's spec."""
+    acc = account(spec)
+    d = spec.moe_derived
+    return {
+        "d_model": spec.d_model,
+        "n_layers": spec.n_layers,
+        "routed_experts": d.routed_experts if d else None,
+        "shared_experts": d.shared_experts if d else None,
+        "top_k": d.top_k if d else None,
+        "expert_hidden": d.expert_hidden if d else None,
+        "m": d.m if d else None,
+        "params_total": acc.params_total,
+        "params_activated": acc.params_activated,
+        "forward_flops_per_token": acc.forward_flops_per_token,
+        "train_flops_per_token": acc.train_flops_per_token,
+    }

@@ -1,0 +1,383 @@
+"""The search spec: what to search, under which budget, with which sampler.
+
+One frozen pydantic model per YAML section, like model specs; the JSON Schema is
+``specs/schema/search.schema.json`` (``moeforge schema --search``). A search spec names a base model
+spec and a space of changes to it; every trial's model spec comes from `trial_to_spec` (``_space.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+# ------------------------------------------------------------------------------------- distributions
+class IntRange(_Section):
+    low: int
+    """Smallest value (inclusive)."""
+    high: int
+    """Largest value (inclusive)."""
+    step: int = Field(1, gt=0)
+    """Spacing of the values (ignored with log)."""
+    log: bool = False
+    """Sample on a log scale (low must be >= 1)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.high < self.low:
+            raise ValueError(f"high: {self.high} < low {self.low}")
+        if self.log and (self.low < 1 or self.step != 1):
+            raise ValueError("log: a log range needs low >= 1 and step 1")
+        return self
+
+
+class FloatRange(_Section):
+    low: float
+    """Smallest value (inclusive)."""
+    high: float
+    """Largest value (inclusive)."""
+    step: float | None = Field(None, gt=0)
+    """Spacing of the values; null for a continuous range."""
+    log: bool = False
+    """Sample on a log scale (low must be > 0, no step)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.high < self.low:
+            raise ValueError(f"high: {self.high} < low {self.low}")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: a log range needs low > 0 and no step")
+        return self
+
+
+class IntParam(_Section):
+    int: IntRange
+    """An integer range: {low, high, step, log}."""
+
+
+class FloatParam(_Section):
+    float: FloatRange
+    """A float range: {low, high, step, log}."""
+
+
+Scalar = bool | int | float | str | None
+
+
+class CategoricalParam(_Section):
+    categorical: tuple[Scalar, ...] = Field(min_length=1)
+    """A list of choices (numbers, strings, booleans or null)."""
+
+
+def _param_kind(v: Any) -> str | None:
+    if isinstance(v, dict) and len(v) == 1:
+        return next(iter(v))
+    if isinstance(v, IntParam | FloatParam | CategoricalParam):
+        return next(iter(type(v).model_fields))
+    return None
+
+
+ParamDist = Annotated[
+    Annotated[IntParam, Tag("int")]
+    | Annotated[FloatParam, Tag("float")]
+    | Annotated[CategoricalParam, Tag("categorical")],
+    Discriminator(
+        _param_kind,
+        custom_error_type="param_kind",
+        custom_error_message="expected one of {int: {low, high}}, {float: {low, high}}, {categorical: [...]}",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------- space
+class WidthDepth(_Section):
+    """Trade depth for width at fixed forward FLOPs per token.
+
+    For each depth in `n_layers`, d_model is the multiple of the head dim (times the GQA group) whose
+    forward FLOPs per token come closest to the candidate's at the base depth and width; heads follow
+    (head dim fixed), and every FFN and expert width scales with d_model (rounded to a multiple of every
+    segmentation m in the space). A depth whose best width misses by more than `tolerance` is infeasible.
+    """
+
+    n_layers: tuple[int, ...] = Field(min_length=1)
+    """Depths to try (the trial parameter `n_layers`)."""
+    tolerance: float = Field(0.1, gt=0, le=1)
+    """Largest relative difference of forward FLOPs per token from the base's."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> WidthDepth:
+        if any(n < 1 for n in self.n_layers):
+            raise ValueError(f"n_layers: depths must be >= 1, got {list(self.n_layers)}")
+        return self
+
+
+class SpaceSpec(_Section):
+    params: dict[str, ParamDist] = {}
+    """Any model spec key by dotted path (``moe.balance.expert_alpha``) -> {int|float: {...}} or {categorical: [...]}."""
+    granularity: tuple[int, ...] | None = Field(None, min_length=1)
+    """Segmentation factors m to try (trial parameter `m`) at fixed N and K of the base's paper form, so
+    total and activated expert parameters stay the same (DeepSeekMoE section 3.1)."""
+    shared: tuple[int, ...] | None = Field(None, min_length=1)
+    """Shared expert counts K_s to try (trial parameter `K_s`), taken out of the mK activated experts:
+    routed top mK - K_s of mN - K_s (section 3.2)."""
+    width_depth: WidthDepth | None = None
+    """Depth choices with width derived to keep forward FLOPs per token fixed."""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SpaceSpec:
+        if not (self.params or self.granularity or self.shared or self.width_depth):
+            raise ValueError("params: the space is empty; give params, granularity, shared or width_depth")
+        if self.granularity and any(m < 1 for m in self.granularity):
+            raise ValueError(f"granularity: m must be >= 1, got {list(self.granularity)}")
+        if self.shared and any(k < 0 for k in self.shared):
+            raise ValueError(f"shared: K_s must be >= 0, got {list(self.shared)}")
+        reserved = {"m", "K_s", "n_layers"} & set(self.params)
+        if reserved:
+            raise ValueError(f"params: {sorted(reserved)} name an axis; use granularity/shared/width_depth")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """Trial parameter names, in suggestion order."""
+        out = list(self.params)
+        out += ["m"] if self.granularity else []
+        out += ["K_s"] if self.shared else []
+        out += ["n_layers"] if self.width_depth else []
+        return out
+
+
+# ------------------------------------------------------------------------------------ constraints etc.
+class Constraints(_Section):
+    """Hard limits, checked analytically on each proposal before anything is built."""
+
+    max_params_total: int | None = Field(None, gt=0)
+    """Most parameters in total (embeddings and head included)."""
+    max_params_activated: int | None = Field(None, gt=0)
+    """Most parameters activated per token."""
+    max_forward_flops_per_token: int | None = Field(None, gt=0)
+    """Most forward FLOPs per token at seq_len (2 per multiply-add, full attention square)."""
+    max_memory_bytes: int | None = Field(None, gt=0)
+    """Most training memory: AdamW state at `memory_dtype` plus activations of one batch (estimate)."""
+    memory_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype for the memory estimate."""
+
+
+class Budget(_Section):
+    train_flops: float = Field(gt=0)
+    """Training FLOPs per trial (per seed); each candidate trains for train_flops / its own training
+    FLOPs per token tokens, so big and small candidates get the same compute."""
+
+
+class Objective(_Section):
+    metric: Literal["val_loss", "val_bits_per_byte"] = "val_loss"
+    """Minimized at the end of each trial's budget."""
+    params_total: bool = False
+    """Also minimize total parameters (multi-objective: a Pareto front; no pruning)."""
+
+
+class SamplerSpec(_Section):
+    kind: Literal["tpe", "random", "grid", "gp", "nsga2"] = "tpe"
+    """Optuna sampler. grid runs every combination (ranges need a step); gp and tpe learn from results."""
+    seed: int = 0
+    """Sampler seed; worker i of a run uses seed + i."""
+    n_startup_trials: int = Field(4, ge=0)
+    """tpe/gp: random proposals before the model takes over."""
+
+
+class PrunerSpec(_Section):
+    kind: Literal["none", "median", "hyperband"] = "none"
+    """Stop a trial early when it does worse than others at the same fraction of its own budget."""
+    n_startup_trials: int = Field(2, ge=0)
+    """median: trials that finish before any pruning."""
+    n_warmup_steps: int = Field(1, ge=0)
+    """median: evaluation points of each trial before it can be pruned."""
+
+
+class TrainSettings(_Section):
+    """Settings passed to the trainer (runtime.TrainConfig); budget and seed come from the search."""
+
+    device: str = "auto"
+    """auto (cuda when there is one), cpu, cuda, cuda:1, ..."""
+    batch_size: int | None = Field(None, gt=0)
+    """Sequences per step; default the trainer's."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate; default the trainer's."""
+    eval_points: int = Field(4, ge=1, le=1000)
+    """Validation evaluations per trial at equal fractions of its budget; the pruner sees each."""
+    data: str | None = None
+    """Corpus: null for the bundled one, or a path (see `runtime.load_corpus`)."""
+    options: dict[str, Scalar] = {}
+    """Other TrainConfig fields by name (e.g. warmup_fraction)."""
+
+
+# ---------------------------------------------------------------------------------------------- search
+class SearchSpec(_Section):
+    """A budget-constrained architecture search."""
+
+    name: str = Field("search", min_length=1, max_length=200, pattern=r"^[\w.-]+$")
+    """Names the run dir and the Optuna study."""
+    base: str | dict[str, Any]
+    """The model spec every trial changes: a path (relative to this file), a shipped name, or a mapping."""
+    space: SpaceSpec
+    """What the trials vary."""
+    constraints: Constraints = Constraints()
+    """Analytic limits; violating proposals are recorded as infeasible and not trained."""
+    budget: Budget
+    """Training compute per trial."""
+    objective: Objective = Objective()
+    """What is minimized."""
+    sampler: SamplerSpec = SamplerSpec()
+    """How proposals are made."""
+    pruner: PrunerSpec = PrunerSpec()
+    """Early stopping of poor trials."""
+    n_trials: int = Field(gt=0, le=100_000)
+    """Trials that train (infeasible and repeated proposals do not count), across all workers."""
+    timeout_s: float | None = Field(None, gt=0)
+    """Stop proposing new trials after this many seconds (per worker)."""
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    """Training seeds: each configuration trains once per seed; the value is the mean."""
+    train: TrainSettings = TrainSettings()
+    """Trainer settings."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpec:
+        if self.objective.params_total and self.pruner.kind != "none":
+            raise ValueError("pruner.kind: pruning needs a single objective; use none with params_total")
+        if self.sampler.kind == "grid":
+            for key, dist in self.space.params.items():
+                if isinstance(dist, FloatParam) and dist.float.step is None:
+                    raise ValueError(
+                        f"space.params.{key}: the grid sampler needs a step or categorical choices"
+                    )
+                if (
+                    isinstance(dist, IntParam | FloatParam)
+                    and getattr(dist, next(iter(type(dist).model_fields))).log
+                ):
+                    raise ValueError(f"space.params.{key}: the grid sampler cannot enumerate a log range")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {list(self.seeds)} repeats a seed")
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize", "minimize"] if self.objective.params_total else ["minimize"]
+
+
+def search_schema() -> dict:
+    """The JSON Schema of search specs."""
+    return SearchSpec.model_json_schema()
+
+
+def schema_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "specs" / "schema" / "search.schema.json"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _key_problem(path: tuple[str, ...]) -> str | None:
+    """Why a dotted key is not a model spec key, or None when it is one."""
+    import difflib
+
+    from compiler import ModelSpec
+    from compiler._loader import _models_in
+
+    options: list[type[BaseModel]] = [ModelSpec]
+    for i, part in enumerate(path):
+        fields = {f for cls in options for f in cls.model_fields}
+        if part not in fields:
+            close = difflib.get_close_matches(part, sorted(fields), n=1)
+            where = ".".join(path[:i]) or "the model spec"
+            hint = f"; did you mean {close[0]!r}?" if close else f"; keys there: {', '.join(sorted(fields))}"
+            return f"{part!r} is not a key of {where}{hint}"
+        nxt = [
+            m
+            for cls in options
+            if part in cls.model_fields
+            for m in _models_in(cls.model_fields[part].annotation)
+        ]
+        if i < len(path) - 1 and not nxt:
+            return f"{'.'.join(path[: i + 1])} is a value, it has no sub-keys"
+        options = nxt
+    return None
+
+
+def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpec:
+    """Read a search spec from a path or a shipped name (``quickstart``), with its base model spec.
+
+    The returned spec's `base` is always the base model spec's data (a mapping, composition done), so
+    `trial_to_spec` needs no files.
+
+    Raises:
+        SpecError: located problems in the search spec or its base.
+    """
+    from compiler import ModelSpec, Problem, SpecError, resolve, validate
+    from compiler._loader import _locate, _merge, apply_overrides, load_document, read_yaml
+
+    path = resolve(path_or_name, "searches")
+    soft: list[Problem] = []
+    data, locs = read_yaml(path, soft)
+    if not isinstance(data, dict):
+        loc = locs.get((), None) or _locate(locs, ())
+        raise SpecError(
+            [Problem(loc, "", "a search spec must be a mapping of keys; see `moeforge schema --search`")]
+        )
+    if overrides:
+        data = apply_overrides(data, locs, overrides)
+    spec = validate(SearchSpec, data, locs, soft)
+
+    # The base model spec, validated with its own locations.
+    if isinstance(spec.base, str):
+        try:
+            base_path = resolve(spec.base, "models", relative_to=path.parent)
+        except SpecError as e:
+            raise SpecError(
+                [Problem(locs[("base",)], "base", f"{spec.base!r}: {e.problems[0].message}")]
+            ) from None
+        base_soft: list[Problem] = []
+        base_data, base_locs = load_document(base_path, "models", base_soft)
+        base = validate(ModelSpec, base_data, base_locs, base_soft)
+    else:
+        base_data = dict(spec.base)
+        base_locs = {k[1:]: v for k, v in locs.items() if k[:1] == ("base",)}
+        base_locs[()] = locs[("base",)]
+        if isinstance(
+            base_data.get("base"), str
+        ):  # an inline spec may build on a file: `base: {base: debug, ...}`
+            ref = base_data.pop("base")
+            try:
+                parent = resolve(ref, "models", relative_to=path.parent)
+            except SpecError as e:
+                raise SpecError(
+                    [Problem(locs[("base", "base")], "base.base", f"{ref!r}: {e.problems[0].message}")]
+                ) from None
+            parent_data, parent_locs = load_document(parent, "models")
+            base_data = _merge(parent_data, base_data)
+            base_locs = {**parent_locs, **base_locs}
+        try:
+            base = validate(ModelSpec, base_data, base_locs)
+        except SpecError as e:
+            raise SpecError(
+                [Problem(p.loc, f"base.{p.key}" if p.key else "base", p.message) for p in e.problems]
+            ) from None
+
+    problems = []
+    for key in spec.space.params:
+        why = _key_problem(tuple(key.split(".")))
+        if why:
+            problems.append(Problem(locs[("space", "params", key)], f"space.params.{key}", why))
+    for axis in ("granularity", "shared"):
+        if getattr(spec.space, axis) and (base.moe is None or base.moe.paper is None):
+            problems.append(
+                Problem(
+                    locs[("space", axis)],
+                    f"space.{axis}",
+                    "needs the base spec's MoE in paper form (moe.paper: {experts: N, top_k: K, m: m, shared: K_s})",
+                )
+            )
+    if problems:
+        raise SpecError(problems)
+    return spec.model_copy(update={"base": base_data})
