@@ -1,0 +1,859 @@
+"""Hugging Face interop: config.json <-> ModelSpec, and safetensors weights <-> our state_dict.
+
+Supported ``model_type``s: deepseek (DeepSeekMoE 16B's remote-code config), deepseek_v2, deepseek_v3, qwen2_moe,
+qwen3_moe, mixtral, olmoe. Import reads every key of a config: a key either maps to a spec field, is known to
+carry no architecture (token ids, dtype, bookkeeping), is checked to hold the one value moeforge builds
+(``attention_dropout: 0``), or is an error naming it; nothing is dropped silently. Export picks the first
+family whose transformers implementation computes exactly what the spec describes (or the one asked for)
+and refuses, naming the field, when none does.
+
+Weights travel in the Hub's per-expert layout (``mlp.experts.{e}.gate_proj.weight``; Mixtral's
+``block_sparse_moe.experts.{e}.w1.weight``), which transformers 5 also writes; its fused in-memory layout
+(``mlp.experts.gate_up_proj``) is read too. Mapping to ours: gate_proj/w1 -> w1, up_proj/w3 -> w3,
+down_proj/w2 -> w2, stacked over experts; the attention and norms map one to one.
+
+transformers is not needed here: it is imported only by `check_against_transformers` (export's --check).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ._spec import MLASpec, ModelSpec, RopeSpec
+
+FAMILIES = ("deepseek", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+# Export tries these in order and takes the first that expresses the spec exactly.
+EXPORT_ORDER = ("deepseek_v3", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek")
+ARCHITECTURES = {
+    "deepseek": "DeepseekForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+# transformers' defaults where a config leaves a key out.
+_EPS = {"mixtral": 1e-5, "olmoe": 1e-5}
+_THETA = {"mixtral": 1e6}
+
+# Keys with no bearing on the computed function: token ids, storage dtype, library bookkeeping.
+_NO_ARCHITECTURE = {
+    "architectures",
+    "auto_map",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "_name_or_path",
+    "output_router_logits",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "tokenizer_class",
+    "ep_size",
+    "qk_head_dim",
+    "_attn_implementation_autoset",
+}
+
+
+class HFError(ValueError):
+    """A config, checkpoint or spec the other side cannot express; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------------- reading
+class _Config:
+    """A config dict that remembers which keys were read, so leftovers can be reported by name."""
+
+    def __init__(self, data: dict[str, Any], family: str):
+        self.data, self.family = data, family
+        self.used: set[str] = set(_NO_ARCHITECTURE)
+        self.notes: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def req(self, key: str) -> Any:
+        self.used.add(key)
+        if self.data.get(key) is None:
+            raise HFError(f"{key}: missing from the {self.family} config")
+        return self.data[key]
+
+    def only(self, key: str, allowed: tuple[Any, ...], why: str) -> None:
+        """The key may be absent or hold one of `allowed` (what moeforge builds); else it is an error."""
+        value = self.get(key)
+        if value is not None and value not in allowed:
+            raise HFError(f"{key}: {value!r} cannot be expressed by moeforge ({why})")
+
+    def note(self, key: str, why: str) -> None:
+        self.used.add(key)
+        if key in self.data:
+            self.notes.append(f"{key}: {self.data[key]!r} not imported ({why})")
+
+    def check_all_used(self) -> None:
+        left = [k for k in self.data if k not in self.used]
+        if left:
+            raise HFError(
+                f"{', '.join(left)}: moeforge cannot express {'this field' if len(left) == 1 else 'these fields'} "
+                f"of a {self.family} config"
+            )
+
+
+def _rope(c: _Config) -> dict[str, Any]:
+    params = c.get("rope_parameters", {}) or {}
+    theta = params.get("rope_theta", c.get("rope_theta", _THETA.get(c.family, 10000.0)))
+    c.used.add("rope_theta")
+    scaling = c.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    out: dict[str, Any] = {"kind": "rope", "theta": float(theta)}
+    if scaling:
+        kind = scaling.get("type") or scaling.get("rope_type")
+        if kind != "yarn":
+            raise HFError(f"rope_scaling.type: {kind!r} cannot be expressed by moeforge (only yarn)")
+        if scaling.get("truncate", True) is not True or scaling.get("attention_factor") is not None:
+            raise HFError("rope_scaling: truncate/attention_factor cannot be expressed by moeforge")
+        known = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings"}
+        known |= {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate", "attention_factor"}
+        extra = [k for k in scaling if k not in known]
+        if extra:
+            raise HFError(f"rope_scaling.{extra[0]}: cannot be expressed by moeforge")
+        yarn = {
+            "factor": float(scaling["factor"]),
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        }
+        for key, default in (
+            ("beta_fast", 32.0),
+            ("beta_slow", 1.0),
+            ("mscale", 1.0),
+            ("mscale_all_dim", 0.0),
+        ):
+            yarn[key] = float(scaling.get(key) or default)
+        out["yarn"] = yarn
+    return out
+
+
+def _round(x: float) -> float:
+    """Keep 12 significant digits: coefficient arithmetic (alpha = coef * K) must round-trip exactly."""
+    return float(f"{x:.12g}")
+
+
+def _common(c: _Config) -> dict[str, Any]:
+    c.only("hidden_act", ("silu",), "experts and FFNs are SwiGLU")
+    c.only("attention_dropout", (0, 0.0), "no attention dropout")
+    c.only("pretraining_tp", (1,), "tensor-parallel pretraining slices are not modelled")
+    c.only("use_sliding_window", (False,), "full causal attention only")
+    layer_types = c.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise HFError("layer_types: only full_attention layers can be expressed by moeforge")
+    return {
+        "vocab_size": c.req("vocab_size"),
+        "d_model": c.req("hidden_size"),
+        "n_layers": c.req("num_hidden_layers"),
+        "seq_len": c.get("max_position_embeddings", 4096),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "init_std": float(c.get("initializer_range", 0.02)),
+        "norm": {"kind": "rmsnorm", "eps": float(c.get("rms_norm_eps", _EPS.get(c.family, 1e-6)))},
+        "positions": _rope(c),
+    }
+
+
+def _mha(c: _Config, qkv_bias: bool, out_bias: bool, qk_norm: str = "none") -> dict[str, Any]:
+    heads = c.req("num_attention_heads")
+    kv = c.get("num_key_value_heads", heads)
+    att: dict[str, Any] = {"kind": "mha" if kv == heads else "gqa", "n_heads": heads}
+    if kv != heads:
+        att["n_kv_heads"] = kv
+    head_dim = c.get("head_dim")
+    if head_dim is not None and head_dim != c.req("hidden_size") // heads:
+        att["head_dim"] = head_dim
+    att.update(qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm)
+    return att
+
+
+def _deepseek(c: _Config) -> dict[str, Any]:
+    spec = _common(c)
+    f = c.family
+    if f == "deepseek":
+        bias = bool(c.get("attention_bias", False))
+        spec["attention"] = _mha(c, bias, bias)
+    else:
+        heads = c.req("num_attention_heads")
+        c.only("num_key_value_heads", (heads,), "MLA has one latent shared by all heads")
+        c.used.add("head_dim")  # transformers sets it to qk_rope_head_dim
+        spec["attention"] = {
+            "kind": "mla",
+            "n_heads": heads,
+            "q_lora_rank": c.get("q_lora_rank"),
+            "kv_lora_rank": c.req("kv_lora_rank"),
+            "qk_nope_head_dim": c.req("qk_nope_head_dim"),
+            "qk_rope_head_dim": c.req("qk_rope_head_dim"),
+            "v_head_dim": c.req("v_head_dim"),
+            "bias": bool(c.get("attention_bias", False)),
+            "rope_interleave": bool(c.get("rope_interleave", True)) if f == "deepseek_v3" else True,
+        }
+    spec["ffn"] = {"activation": "swiglu", "hidden": c.req("intermediate_size")}
+    routed = c.get("n_routed_experts")
+    if routed is None:
+        return spec
+    n_layers, k, freq = spec["n_layers"], c.get("first_k_dense_replace", 0), c.get("moe_layer_freq", 1)
+    # DeepSeek's rule: MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0
+    moe: dict[str, Any] = _layers_form([i for i in range(n_layers) if i >= k and i % freq == 0], n_layers)
+    moe.update(
+        routed_experts=routed,
+        shared_experts=c.get("n_shared_experts", 0),
+        top_k=c.req("num_experts_per_tok"),
+        expert_hidden=c.req("moe_intermediate_size"),
+    )
+    scoring = c.get("scoring_func", "sigmoid" if f == "deepseek_v3" else "softmax")
+    method = c.get("topk_method", "noaux_tc" if f == "deepseek_v3" else "greedy")
+    if (f, method) not in {
+        ("deepseek", "greedy"),
+        ("deepseek_v2", "greedy"),
+        ("deepseek_v2", "group_limited_greedy"),
+        ("deepseek_v3", "noaux_tc"),
+    }:
+        raise HFError(f"topk_method: {method!r} cannot be expressed by moeforge for {f}")
+    if scoring not in ("softmax", "sigmoid") or (f == "deepseek_v3") != (scoring == "sigmoid"):
+        raise HFError(f"scoring_func: {scoring!r} cannot be expressed by moeforge for {f}")
+    gate: dict[str, Any] = {
+        "score": scoring,
+        "normalize_topk": bool(c.get("norm_topk_prob", False)),
+        "routed_scaling": float(c.get("routed_scaling_factor", 1.0)),
+    }
+    n_group, topk_group = c.get("n_group", 1), c.get("topk_group", 1)
+    if method == "noaux_tc":
+        gate.update(selection_bias=True, bias_update_speed=float(c.get("bias_update_speed", 0.0)))
+        gate["bias_is_parameter"] = bool(c.get("selection_bias_is_parameter", True))
+    if method != "greedy":
+        gate.update(n_group=n_group, topk_group=topk_group)
+    moe["gate"] = gate
+    moe["balance"] = {
+        "expert_alpha": float(c.get("aux_loss_alpha", 0.0)),
+        "per_sequence": bool(c.get("seq_aux", False)),
+    }
+    spec["moe"] = moe
+    c.note(
+        "num_nextn_predict_layers",
+        "multi-token-prediction modules are not part of transformers' model either",
+    )
+    c.note("quantization_config", "a storage format; the spec describes the model")
+    return spec
+
+
+def _sparse_layers(c: _Config, n_layers: int) -> dict[str, Any]:
+    step, only_mlp = c.get("decoder_sparse_step", 1), list(c.get("mlp_only_layers", []) or [])
+    layers = [i for i in range(n_layers) if i not in only_mlp and (i + 1) % step == 0]
+    return _layers_form(layers, n_layers)
+
+
+def _layers_form(layers: list[int], n_layers: int) -> dict[str, Any]:
+    """The spec's own form of a set of MoE layers: first_dense when they are a suffix, else an explicit list."""
+    if layers and layers == list(range(layers[0], n_layers)):
+        return {"first_dense": layers[0]} if layers[0] else {}
+    return {"layers": layers}
+
+
+def _aux(c: _Config, top_k: int) -> dict[str, Any]:
+    # transformers' load_balancing_loss_func = coef * E * sum_i (count_i / T) P_i = coef * K * DeepSeekMoE's sum_i f_i P_i
+    return {"expert_alpha": _round(float(c.get("router_aux_loss_coef", 0.0)) * top_k)}
+
+
+def _qwen(c: _Config) -> dict[str, Any]:
+    spec = _common(c)
+    qwen2 = c.family == "qwen2_moe"
+    if qwen2:
+        spec["attention"] = _mha(c, bool(c.get("qkv_bias", True)), False)
+    else:
+        bias = bool(c.get("attention_bias", False))
+        spec["attention"] = _mha(c, bias, bias, "head")
+    c.used |= {"sliding_window", "max_window_layers"}  # only used with use_sliding_window (checked false)
+    spec["ffn"] = {"activation": "swiglu", "hidden": c.req("intermediate_size")}
+    top_k = c.req("num_experts_per_tok")
+    moe: dict[str, Any] = _sparse_layers(c, spec["n_layers"])
+    moe.update(routed_experts=c.req("num_experts"), top_k=top_k, expert_hidden=c.req("moe_intermediate_size"))
+    if qwen2:
+        shared = c.req("shared_expert_intermediate_size")
+        moe.update(shared_experts=1, shared_hidden=shared, shared_gate=True)
+    moe["gate"] = {"normalize_topk": bool(c.get("norm_topk_prob", False))}
+    moe["balance"] = _aux(c, top_k)
+    spec["moe"] = moe
+    return spec
+
+
+def _mixtral_olmoe(c: _Config) -> dict[str, Any]:
+    spec = _common(c)
+    if c.family == "mixtral":
+        spec["attention"] = _mha(c, False, False)
+        c.only("router_jitter_noise", (0, 0.0), "no router input jitter")
+        c.only("sliding_window", (None,), "full causal attention only")
+        normalize = (
+            True  # softmax over all experts, then renormalized over the top-k == softmax of the top-k logits
+        )
+    else:
+        bias = bool(c.get("attention_bias", False))
+        spec["attention"] = _mha(c, bias, bias, "full")
+        c.only("clip_qkv", (None,), "no clipping of q, k, v")
+        normalize = bool(c.get("norm_topk_prob", False))
+    hidden = c.req("intermediate_size")
+    top_k = c.req("num_experts_per_tok")
+    spec["ffn"] = {"activation": "swiglu", "hidden": hidden}  # no dense layer; the expert width
+    spec["moe"] = {
+        "routed_experts": c.req("num_local_experts" if c.family == "mixtral" else "num_experts"),
+        "top_k": top_k,
+        "expert_hidden": hidden,
+        "gate": {"normalize_topk": normalize},
+        "balance": _aux(c, top_k),
+    }
+    return spec
+
+
+_IMPORTERS: dict[str, Callable[[_Config], dict[str, Any]]] = {
+    "deepseek": _deepseek,
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
+    "qwen2_moe": _qwen,
+    "qwen3_moe": _qwen,
+    "mixtral": _mixtral_olmoe,
+    "olmoe": _mixtral_olmoe,
+}
+
+
+def config_to_spec(config: Mapping[str, Any], name: str | None = None) -> tuple[ModelSpec, list[str]]:
+    """A Hugging Face config (the dict of config.json) as a validated spec, with notes on ignored fields.
+
+    Raises:
+        HFError: an unsupported model_type, or a field moeforge cannot express (named in the message).
+    """
+    family = config.get("model_type")
+    if family not in _IMPORTERS:
+        raise HFError(f"model_type: {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    c = _Config(dict(config), family)
+    data = _IMPORTERS[family](c)
+    c.check_all_used()
+    data = {"name": name or family, **data}
+    try:
+        return ModelSpec.model_validate(data), c.notes
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise HFError(f"{where or 'config'}: {err['msg']} (from the {family} config)") from None
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _expressible(spec: ModelSpec, family: str) -> str | None:
+    """None when `family`'s transformers model computes exactly `spec`; else the first reason it does not."""
+    a, moe, d = spec.attention, spec.moe, spec.moe_derived
+    if spec.norm.kind != "rmsnorm":
+        return "norm.kind: only rmsnorm"
+    if not isinstance(spec.positions, RopeSpec):
+        return "positions.kind: only rope"
+    if spec.positions.yarn is not None and not isinstance(a, MLASpec):
+        return "positions.yarn: only exported with MLA (DeepSeek-V2/V3)"
+    if spec.ffn.activation != "swiglu":
+        return "ffn.activation: only swiglu"
+    if moe is None or d is None:
+        return "moe: a dense spec has no MoE family"
+    g, b = moe.gate, moe.balance
+    if moe.capacity_factor is not None:
+        return "moe.capacity_factor: transformers' MoE layers are dropless"
+    if b.device_alpha:
+        return "moe.balance.device_alpha: no family has a device-level balance loss"
+    mla = isinstance(a, MLASpec)
+    deepseek_family = family.startswith("deepseek")
+    if mla != (family in ("deepseek_v2", "deepseek_v3")):
+        return "attention.kind: mla is DeepSeek-V2/V3's" if mla else f"attention.kind: {family} uses MLA"
+    if not mla and a.qk_norm != {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"):
+        return f"attention.qk_norm: {a.qk_norm} is not {family}'s"
+    if moe.shared_gate != (family == "qwen2_moe"):
+        return "moe.shared_gate: only qwen2_moe gates its shared expert (and always does)"
+    if (g.score == "sigmoid" or g.selection_bias) != (family == "deepseek_v3"):
+        return "moe.gate.score/selection_bias: sigmoid scores with a selection bias are deepseek_v3's (only)"
+    if g.score == "sigmoid" and not g.selection_bias:
+        return "moe.gate.selection_bias: deepseek_v3 always has one"
+    if g.n_group > 1 and family not in ("deepseek_v2", "deepseek_v3"):
+        return "moe.gate.n_group: group-limited routing is DeepSeek-V2/V3's"
+    if g.routed_scaling != 1 and family not in ("deepseek_v2", "deepseek_v3"):
+        return "moe.gate.routed_scaling: only DeepSeek-V2/V3 scale the routed experts"
+    if b.per_sequence and not deepseek_family:
+        return "moe.balance.per_sequence: only DeepSeek configs have seq_aux"
+    moe_layers = set(spec.moe_layers)
+    if family in ("deepseek_v2", "deepseek_v3"):
+        k = min(moe_layers)
+        if moe_layers != set(range(k, spec.n_layers)):
+            return (
+                "moe.layers: transformers' DeepSeek-V2/V3 make every layer from first_k_dense_replace on MoE"
+            )
+    if family in ("mixtral", "olmoe") and len(moe_layers) != spec.n_layers:
+        return f"moe.first_dense: {family} has no dense layers"
+    if family == "deepseek":
+        k = min(moe_layers)
+        freq = 1 if len(moe_layers) < 2 else sorted(moe_layers)[1] - k
+        if moe_layers != {i for i in range(spec.n_layers) if i >= k and i % freq == 0}:
+            return (
+                "moe.layers: not of DeepSeek's form (i >= first_k_dense_replace and i % moe_layer_freq == 0)"
+            )
+    if family in ("qwen2_moe", "qwen3_moe"):
+        pass  # any layer set: mlp_only_layers lists the dense ones
+    if family == "deepseek_v2" and g.normalize_topk:
+        return "moe.gate.normalize_topk: transformers' deepseek_v2 ignores norm_topk_prob"
+    if family == "mixtral" and not g.normalize_topk:
+        return "moe.gate.normalize_topk: mixtral always renormalizes the top-k"
+    if family == "qwen2_moe" and d.shared_experts != 1:
+        return "moe.shared_experts: qwen2_moe has exactly one (gated) shared expert"
+    if family in ("qwen3_moe", "mixtral", "olmoe") and d.shared_experts:
+        return f"moe.shared_experts: {family} has none"
+    if deepseek_family and d.shared_experts and d.shared_hidden != d.expert_hidden:
+        return "moe.shared_hidden: DeepSeek's shared experts have the routed experts' width"
+    if family == "deepseek_v3" and not d.shared_experts:
+        return "moe.shared_experts: transformers' deepseek_v3 always has shared experts"
+    if mla:
+        assert isinstance(a, MLASpec)
+        if a.latent_norm_eps != 1e-6:
+            return "attention.latent_norm_eps: transformers uses 1e-6"
+        if family == "deepseek_v2" and not a.rope_interleave:
+            return "attention.rope_interleave: deepseek_v2 always rotates interleaved pairs"
+    else:
+        if family in ("mixtral",) and (a.qkv_bias or a.out_bias):
+            return "attention.qkv_bias: mixtral has no attention biases"
+        if family == "qwen2_moe" and a.out_bias:
+            return "attention.out_bias: qwen2_moe has biases on q, k, v only"
+        if family in ("deepseek", "qwen3_moe", "olmoe") and a.qkv_bias != a.out_bias:
+            return (
+                f"attention.out_bias: {family}'s attention_bias puts a bias on all four projections or none"
+            )
+        if family == "olmoe" and spec.head_dim * a.n_heads != spec.d_model:
+            return "attention.head_dim: olmoe's heads split d_model"
+    return None
+
+
+def _layer_config(spec: ModelSpec, family: str) -> dict[str, Any]:
+    moe_layers = spec.moe_layers
+    if family in ("qwen2_moe", "qwen3_moe"):
+        return {
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(spec.n_layers) if i not in moe_layers],
+        }
+    if family.startswith("deepseek"):
+        k = min(moe_layers)
+        freq = 1 if len(moe_layers) < 2 else sorted(moe_layers)[1] - k
+        return {"first_k_dense_replace": k, "moe_layer_freq": freq}
+    return {}
+
+
+def spec_to_config(spec: ModelSpec, family: str | None = None) -> dict[str, Any]:
+    """A config.json dict for `spec`: of `family`, or of the first family that expresses it exactly.
+
+    Raises:
+        HFError: no family (or not the one asked for) computes what the spec describes.
+    """
+    if family is not None:
+        if family not in FAMILIES:
+            raise HFError(f"family: {family!r} is not one of {', '.join(FAMILIES)}")
+        reason = _expressible(spec, family)
+        if reason:
+            raise HFError(f"{reason} (exporting to {family})")
+    else:
+        reasons = {f: _expressible(spec, f) for f in EXPORT_ORDER}
+        family = next((f for f, r in reasons.items() if r is None), None)
+        if family is None:
+            raise HFError(f"no supported family expresses this spec; {reasons['deepseek']}")
+    a, moe, d = spec.attention, spec.moe, spec.moe_derived
+    assert moe is not None and d is not None and isinstance(spec.positions, RopeSpec)
+    g, b = moe.gate, moe.balance
+    cfg: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.d_model,
+        "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.kv_heads,
+        "max_position_embeddings": spec.seq_len,
+        "rms_norm_eps": spec.norm.eps,
+        "rope_theta": spec.positions.theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": spec.tie_embeddings,
+        "initializer_range": spec.init_std,
+        "attention_dropout": 0.0,
+    }
+    y = spec.positions.yarn
+    if y is not None:
+        cfg["rope_scaling"] = {"type": "yarn", **y.model_dump()}
+    if isinstance(a, MLASpec):
+        cfg.update(
+            q_lora_rank=a.q_lora_rank,
+            kv_lora_rank=a.kv_lora_rank,
+            qk_nope_head_dim=a.qk_nope_head_dim,
+            qk_rope_head_dim=a.qk_rope_head_dim,
+            v_head_dim=a.v_head_dim,
+            attention_bias=a.bias,
+        )
+        if family == "deepseek_v3":
+            cfg["rope_interleave"] = a.rope_interleave
+    else:
+        if spec.head_dim * a.n_heads != spec.d_model or a.head_dim is not None:
+            cfg["head_dim"] = spec.head_dim
+        if family == "qwen2_moe":
+            cfg["qkv_bias"] = a.qkv_bias
+        elif family != "mixtral":
+            cfg["attention_bias"] = a.qkv_bias
+    cfg.update(_layer_config(spec, family))
+    if family.startswith("deepseek"):
+        cfg.update(
+            intermediate_size=spec.ffn.hidden,
+            moe_intermediate_size=d.expert_hidden,
+            n_routed_experts=d.routed_experts,
+            n_shared_experts=d.shared_experts,
+            num_experts_per_tok=d.top_k,
+            norm_topk_prob=g.normalize_topk,
+            scoring_func=g.score,
+            aux_loss_alpha=b.expert_alpha,
+            seq_aux=b.per_sequence,
+        )
+        if family != "deepseek":
+            cfg["routed_scaling_factor"] = g.routed_scaling
+            cfg["n_group"], cfg["topk_group"] = g.n_group, g.topk_group
+        if family == "deepseek_v2":
+            cfg["topk_method"] = "group_limited_greedy" if g.n_group > 1 else "greedy"
+        if family == "deepseek_v3":
+            cfg["topk_method"] = "noaux_tc"
+            cfg["bias_update_speed"] = g.bias_update_speed
+            cfg["selection_bias_is_parameter"] = g.bias_is_parameter
+    else:
+        aux = _round(b.expert_alpha / d.top_k)
+        cfg.update(num_experts_per_tok=d.top_k, router_aux_loss_coef=aux)
+        if family in ("qwen2_moe", "qwen3_moe"):
+            cfg.update(
+                intermediate_size=spec.ffn.hidden,
+                moe_intermediate_size=d.expert_hidden,
+                num_experts=d.routed_experts,
+                norm_topk_prob=g.normalize_topk,
+                use_sliding_window=False,
+            )
+            if family == "qwen2_moe":
+                cfg["shared_expert_intermediate_size"] = d.shared_hidden
+        elif family == "mixtral":
+            cfg.update(
+                intermediate_size=d.expert_hidden, num_local_experts=d.routed_experts, sliding_window=None
+            )
+        else:  # olmoe
+            cfg.update(
+                intermediate_size=d.expert_hidden,
+                num_experts=d.routed_experts,
+                norm_topk_prob=g.normalize_topk,
+            )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- weights
+def _names(family: str) -> dict[str, Any]:
+    if family == "mixtral":
+        return {"moe": "block_sparse_moe", "experts": ("w1", "w3", "w2"), "shared": None}
+    shared = "shared_expert" if family == "qwen2_moe" else "shared_experts"
+    return {"moe": "mlp", "experts": ("gate_proj", "up_proj", "down_proj"), "shared": shared}
+
+
+def _pairs(spec: ModelSpec, family: str) -> list[tuple[str, str]]:
+    """(our key, HF key) for every tensor that maps one to one (experts are stacked separately)."""
+    n = _names(family)
+    pairs = [("tok_embeddings.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+    if not spec.tie_embeddings:
+        pairs.append(("output.weight", "lm_head.weight"))
+    a, moe = spec.attention, spec.moe
+    for i in range(spec.n_layers):
+        o, h = f"layers.{i}.", f"model.layers.{i}."
+        pairs += [(o + "attention_norm.weight", h + "input_layernorm.weight")]
+        pairs += [(o + "ffn_norm.weight", h + "post_attention_layernorm.weight")]
+        if isinstance(a, MLASpec):
+            mods = [
+                ("wkv_a", "kv_a_proj_with_mqa", a.bias),
+                ("wkv_b", "kv_b_proj", False),
+                ("wo", "o_proj", a.bias),
+            ]
+            norms = [("kv_norm", "kv_a_layernorm")]
+            if a.q_lora_rank is None:
+                mods.append(("wq", "q_proj", False))
+            else:
+                mods += [("wq_a", "q_a_proj", a.bias), ("wq_b", "q_b_proj", False)]
+                norms.append(("q_norm", "q_a_layernorm"))
+        else:
+            mods = [
+                (ours, theirs, a.qkv_bias)
+                for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"))
+            ]
+            mods.append(("wo", "o_proj", a.out_bias))
+            norms = [("q_norm", "q_norm"), ("k_norm", "k_norm")] if a.qk_norm != "none" else []
+        for ours, theirs, bias in mods:
+            pairs.append((f"{o}attention.{ours}.weight", f"{h}self_attn.{theirs}.weight"))
+            if bias:
+                pairs.append((f"{o}attention.{ours}.bias", f"{h}self_attn.{theirs}.bias"))
+        for ours, theirs in norms:
+            pairs.append((f"{o}attention.{ours}.weight", f"{h}self_attn.{theirs}.weight"))
+        if not spec.is_moe_layer(i):
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                pairs.append((f"{o}ffn.{ours}.weight", f"{h}mlp.{theirs}.weight"))
+            continue
+        assert moe is not None
+        m = f"{h}{n['moe']}."
+        pairs.append((f"{o}ffn.router.weight", m + "gate.weight"))
+        if moe.gate.selection_bias:
+            pairs.append((f"{o}ffn.selection_bias", m + "gate.e_score_correction_bias"))
+        if n["shared"] and (spec.moe_derived and spec.moe_derived.shared_experts):
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                pairs.append((f"{o}ffn.shared.{ours}.weight", f"{m}{n['shared']}.{theirs}.weight"))
+        if moe.shared_gate:
+            pairs.append((f"{o}ffn.shared_gate.weight", m + "shared_expert_gate.weight"))
+    return pairs
+
+
+_IGNORED_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Our state_dict (keys and shapes of `compiler.build(spec)`) from HF checkpoint tensors.
+
+    `tensors` maps HF names to tensors (a dict, or a lazy mapping over safetensors files).
+
+    Raises:
+        HFError: a tensor is missing, has the wrong shape downstream, or is left over (named).
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> Any:
+        if key not in tensors:
+            raise HFError(f"{key}: missing from the checkpoint")
+        used.add(key)
+        return tensors[key]
+
+    for ours, theirs in _pairs(spec, family):
+        out[ours] = take(theirs)
+    d = spec.moe_derived
+    n = _names(family)
+    for i in spec.moe_layers:
+        assert d is not None
+        m = f"model.layers.{i}.{n['moe']}.experts."
+        fused = f"model.layers.{i}.mlp.experts."
+        if fused + "gate_up_proj" in tensors:  # transformers 5's in-memory layout: [E, 2F, D] and [E, D, F]
+            w1, w3 = take(fused + "gate_up_proj").chunk(2, dim=1)
+            out[f"layers.{i}.ffn.experts.w1"], out[f"layers.{i}.ffn.experts.w3"] = (
+                w1.contiguous(),
+                w3.contiguous(),
+            )
+            out[f"layers.{i}.ffn.experts.w2"] = take(fused + "down_proj")
+            continue
+        for ours, theirs in zip(("w1", "w3", "w2"), n["experts"], strict=True):
+            out[f"layers.{i}.ffn.experts.{ours}"] = torch.stack(
+                [take(f"{m}{e}.{theirs}.weight") for e in range(d.routed_experts)]
+            )
+    left = [k for k in tensors if k not in used and not _IGNORED_WEIGHTS.search(k)]
+    if spec.tie_embeddings:
+        left = [k for k in left if k != "lm_head.weight"]
+    beyond = [
+        k for k in left if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= spec.n_layers
+    ]
+    left = [
+        k for k in left if k not in beyond
+    ]  # DeepSeek-V3's MTP layer: not part of the model (noted by import)
+    if left:
+        raise HFError(f"{left[0]}: checkpoint tensor moeforge cannot place ({len(left)} left over)")
+    return out
+
+
+def state_dict_to_hf(spec: ModelSpec, family: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    """HF checkpoint tensors (the Hub's per-expert layout) from our state_dict."""
+    out = {theirs: state[ours].contiguous() for ours, theirs in _pairs(spec, family)}
+    n = _names(family)
+    d = spec.moe_derived
+    for i in spec.moe_layers:
+        assert d is not None
+        m = f"model.layers.{i}.{n['moe']}.experts."
+        for ours, theirs in zip(("w1", "w3", "w2"), n["experts"], strict=True):
+            stacked = state[f"layers.{i}.ffn.experts.{ours}"]
+            for e in range(d.routed_experts):
+                out[f"{m}{e}.{theirs}.weight"] = stacked[e].contiguous()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- files
+class _LazyTensors(Mapping[str, Any]):
+    """Tensors of one or more safetensors files, read on access."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
+
+
+def import_hf(
+    src: str | Path, out: str | Path, name: str | None = None
+) -> tuple[Path, Path | None, list[str]]:
+    """`moeforge import hf`: SRC (config.json or a model folder) -> OUT/<name>.yaml [+ OUT/model.safetensors].
+
+    Returns:
+        (spec path, weights path or None, notes on fields that were deliberately not imported).
+    """
+    from ._dump import spec_to_yaml
+
+    src = Path(src)
+    config_path = src / "config.json" if src.is_dir() else src
+    if not config_path.is_file():
+        raise HFError(f"{config_path}: no such config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFError(f"{config_path}: not JSON ({e})") from None
+    model_dir = config_path.parent
+    name = name or (model_dir.name if model_dir.name not in ("", ".") else config.get("model_type", "model"))
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lower() or "model"
+    spec, notes = config_to_spec(config, name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"Imported from {config_path} (model_type {config['model_type']}) by `moeforge import hf`."
+    spec_path = out / f"{name}.yaml"
+    spec_path.write_text(spec_to_yaml(spec, header=header))
+    files = _weight_files(model_dir) if src.is_dir() else []
+    if not files:
+        return spec_path, None, notes
+    if config.get("quantization_config"):
+        raise HFError("quantization_config: quantized checkpoints cannot be imported; dequantize them first")
+    from safetensors.torch import save_file
+
+    state = hf_to_state_dict(spec, config["model_type"], _LazyTensors(files))
+    weights_path = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights_path))
+    return spec_path, weights_path, notes
+
+
+def family_of(spec: ModelSpec) -> str:
+    """The family `spec_to_config` exports `spec` as."""
+    return spec_to_config(spec)["model_type"]
+
+
+def export_hf(
+    spec: ModelSpec, out: str | Path, checkpoint: str | Path | None = None, family: str | None = None
+) -> tuple[Path, Path | None]:
+    """`moeforge export hf`: OUT/config.json, and OUT/model.safetensors when a checkpoint is given.
+
+    `checkpoint` is a safetensors file of our state_dict, or a folder holding model.safetensors.
+    """
+    cfg = spec_to_config(spec, family)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    if checkpoint is None:
+        return config_path, None
+    from safetensors.torch import load_file, save_file
+
+    ckpt = Path(checkpoint)
+    if ckpt.is_dir():
+        found = sorted(ckpt.rglob("model.safetensors"))
+        if not found:
+            raise HFError(f"{ckpt}: no model.safetensors inside")
+        ckpt = found[-1]
+    if not ckpt.is_file():
+        raise HFError(f"{ckpt}: no such checkpoint")
+    state = load_file(str(ckpt))
+    try:
+        tensors = state_dict_to_hf(spec, cfg["model_type"], state)
+    except KeyError as e:
+        raise HFError(f"{ckpt}: {e.args[0]} missing; is it a checkpoint of this spec?") from None
+    weights_path = out / "model.safetensors"
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    return config_path, weights_path
+
+
+def hf_model_from_config(config: Mapping[str, Any], device: str = "cpu"):
+    """transformers' model for a config dict (eager attention); needs transformers (a test/dev dependency)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    family = cfg.pop("model_type")
+    cfg.pop("architectures", None)
+    hf_cfg = AutoConfig.for_model(family, **cfg)
+    hf_cfg._attn_implementation = "eager"
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
+
+
+def check_against_transformers(spec: ModelSpec, out: str | Path) -> dict[str, float]:
+    """Load OUT with transformers and compare with our model: parameter counts, and logits when weights exist."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ._accounting import account
+    from ._builder import build
+
+    out = Path(out)
+    cfg = json.loads((out / "config.json").read_text())
+    result: dict[str, float] = {"params_ours": float(account(spec).params_total)}
+    with torch.device("meta"):
+        meta = hf_model_from_config(cfg, "meta")
+    result["params_transformers"] = float(sum(p.numel() for p in meta.parameters()))
+    if (out / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(out), attn_implementation="eager", dtype=torch.float32
+        ).eval()
+        ours = build(spec, dtype=torch.float32).eval()
+        state = hf_to_state_dict(spec, cfg["model_type"], load_file(str(out / "model.safetensors")))
+        ours.load_state_dict({k: v.float() for k, v in state.items()})
+        ids = torch.randint(
+            0, spec.vocab_size, (2, min(16, spec.seq_len)), generator=torch.Generator().manual_seed(0)
+        )
+        with torch.no_grad():
+            a, b = ours(ids).logits, hf(ids).logits
+        result["max_abs_logit_diff"] = float((a - b).abs().max())
+        result["max_rel_logit_diff"] = float((a - b).abs().max() / b.abs().max())
+    return result
+
+
+__all__ = [
+    "FAMILIES",
+    "HFError",
+    "check_against_transformers",
+    "config_to_spec",
+    "export_hf",
+    "family_of",
+    "hf_to_state_dict",
+    "import_hf",
+    "spec_to_config",
+    "state_dict_to_hf",
+]
