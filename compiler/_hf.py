@@ -85,6 +85,11 @@ class _Config:
         value = self.data.get(key)
         return default if value is None else value
 
+    def first(self, *keys: str) -> Any:
+        """The first of several spellings (transformers' attribute_map aliases) that is set."""
+        self.used.update(keys)
+        return next((self.data[k] for k in keys if self.data.get(k) is not None), None)
+
     def req(self, key: str) -> Any:
         self.used.add(key)
         if self.data.get(key) is None:
@@ -155,6 +160,7 @@ def _common(c: _Config) -> dict[str, Any]:
     c.only("attention_dropout", (0, 0.0), "no attention dropout")
     c.only("pretraining_tp", (1,), "tensor-parallel pretraining slices are not modelled")
     c.only("use_sliding_window", (False,), "full causal attention only")
+    c.only("mlp_bias", (False,), "FFNs and experts have no biases")
     layer_types = c.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise HFError("layer_types: only full_attention layers can be expressed by moeforge")
@@ -205,7 +211,7 @@ def _deepseek(c: _Config) -> dict[str, Any]:
             "rope_interleave": bool(c.get("rope_interleave", True)) if f == "deepseek_v3" else True,
         }
     spec["ffn"] = {"activation": "swiglu", "hidden": c.req("intermediate_size")}
-    routed = c.get("n_routed_experts")
+    routed = c.first("n_routed_experts", "num_local_experts", "num_experts")
     if routed is None:
         return spec
     n_layers, k, freq = spec["n_layers"], c.get("first_k_dense_replace", 0), c.get("moe_layer_freq", 1)
@@ -249,6 +255,7 @@ def _deepseek(c: _Config) -> dict[str, Any]:
         "num_nextn_predict_layers",
         "multi-token-prediction modules are not part of transformers' model either",
     )
+    c.note("num_mtp_layers", "multi-token-prediction modules are not part of transformers' model either")
     c.note("quantization_config", "a storage format; the spec describes the model")
     return spec
 
@@ -283,7 +290,10 @@ def _qwen(c: _Config) -> dict[str, Any]:
     spec["ffn"] = {"activation": "swiglu", "hidden": c.req("intermediate_size")}
     top_k = c.req("num_experts_per_tok")
     moe: dict[str, Any] = _sparse_layers(c, spec["n_layers"])
-    moe.update(routed_experts=c.req("num_experts"), top_k=top_k, expert_hidden=c.req("moe_intermediate_size"))
+    routed = c.first("num_experts", "num_local_experts")
+    if routed is None:
+        raise HFError(f"num_experts: missing from the {c.family} config")
+    moe.update(routed_experts=routed, top_k=top_k, expert_hidden=c.req("moe_intermediate_size"))
     if qwen2:
         shared = c.req("shared_expert_intermediate_size")
         moe.update(shared_experts=1, shared_hidden=shared, shared_gate=True)
@@ -309,9 +319,12 @@ def _mixtral_olmoe(c: _Config) -> dict[str, Any]:
         normalize = bool(c.get("norm_topk_prob", False))
     hidden = c.req("intermediate_size")
     top_k = c.req("num_experts_per_tok")
+    routed = c.first("num_local_experts", "num_experts")
+    if routed is None:
+        raise HFError(f"num_local_experts: missing from the {c.family} config")
     spec["ffn"] = {"activation": "swiglu", "hidden": hidden}  # no dense layer; the expert width
     spec["moe"] = {
-        "routed_experts": c.req("num_local_experts" if c.family == "mixtral" else "num_experts"),
+        "routed_experts": routed,
         "top_k": top_k,
         "expert_hidden": hidden,
         "gate": {"normalize_topk": normalize},
