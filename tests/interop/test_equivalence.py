@@ -18,6 +18,8 @@ from compiler._hf import config_to_spec, export_hf, import_hf, spec_to_config
 
 from .conftest import tiny_hf_model
 
+pytestmark = pytest.mark.slow  # about 30 s of CPU for eight tiny models
+
 BASE = dict(
     vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64
 )

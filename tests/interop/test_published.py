@@ -65,7 +65,9 @@ def test_counts_equal_transformers_on_meta(name):
     assert acc.params_activated == total + bias - experts + experts * d.top_k // d.routed_experts
 
 
-SHIPPED = {"deepseek-moe-16b": "deepseekmoe-16b"}  # shipped before the importer existed, under the paper's name
+SHIPPED = {
+    "deepseek-moe-16b": "deepseekmoe-16b"
+}  # shipped before the importer existed, under the paper's name
 
 
 def _comparable(spec) -> dict:
