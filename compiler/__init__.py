@@ -5,6 +5,7 @@ Public API:
     build(spec, device=None, dtype=None) -> nn.Module
     account(spec, causal=False) -> Accounting
     memory(spec, dtype="bf16") -> MemoryEstimate
+    measure(spec, batch_size=1, seq_len=None) -> dict (FlopCounterMode, fvcore, numel)
     model_schema() -> dict (JSON Schema)
 """
 
@@ -25,6 +26,7 @@ from ._loader import (
     shipped_names,
     validate,
 )
+from ._measure import measure
 from ._spec import ModelSpec, MoEDerived
 
 
@@ -56,6 +58,7 @@ __all__ = [
     "build",
     "load_spec",
     "load_validated",
+    "measure",
     "memory",
     "model_schema",
     "resolve",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ._common import SPEC_HELP, add_overrides, console, print_json
@@ -51,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         from compiler import measure
 
-        rep["measured"] = measure(spec)
+        try:
+            rep["measured"] = measure(spec)
+        except ValueError as e:  # too big to build here: one line, no traceback
+            print(f"moeforge report --measure: {e}", file=sys.stderr)
+            return 1
     if args.json:
         print_json(rep)
     else:
@@ -106,15 +111,24 @@ def render(rep: dict[str, Any], by: str = "component") -> None:
         summary.add_row("MoE layers", str(len(d["moe_layers"])), moe_line)
     meas = rep.get("measured")
     if meas:
-        summary.add_row(
-            "measured fwd FLOPs / token", count(meas["forward_flops_per_token"]), "torch FlopCounterMode"
-        )
-        summary.add_row(
-            "fvcore fwd FLOPs / token", count(meas["fvcore_forward_flops_per_token"]), "fvcore x 2"
-        )
-        summary.add_row(
-            "measured parameters", count(meas["params_total"]), f"{meas['params_total']:,} (numel)"
-        )
+
+        def vs(measured: float, analytic: float) -> str:
+            return f", {100 * (measured - analytic) / analytic:+.2f}% vs analytic" if analytic else ""
+
+        fwd, train = Fl["forward_per_token"], Fl["train_per_token"]
+        # measured attention is the full square at the measured seq_len: compare only like with like
+        if meas["seq_len"] != Fl["seq_len"] or Fl["causal"]:
+            fwd = train = 0
+        experts = f" (experts: {meas['dispatch']})" if meas.get("dispatch") else ""
+        for label, key, how, analytic in (
+            ("measured fwd FLOPs / token", "forward_flops_per_token", "FlopCounterMode", fwd),
+            ("measured train FLOPs / token", "train_flops_per_token", "FlopCounterMode fwd+bwd", train),
+            ("fvcore fwd FLOPs / token", "fvcore_forward_flops_per_token", "fvcore x 2", fwd),
+        ):
+            summary.add_row(label, count(meas[key]), f"{how}{vs(meas[key], analytic)}{experts}")
+            experts = ""
+        n = meas["params_total"]
+        summary.add_row("measured parameters", count(n), f"{n:,} (numel){vs(n, P['total'])}")
     con.print(title)
     con.print(summary)
 
