@@ -422,7 +422,7 @@ def train(
     fwd = torch.compile(model) if cfg.compile else model
     n_evals = max(cfg.eval_points, 1)
     next_eval = 1
-    while next_eval < n_evals and next_eval / n_evals <= fraction() + 1e-12:
+    while st.step > 0 and next_eval < n_evals and next_eval / n_evals <= fraction() + 1e-12:
         next_eval += 1  # resumed past these evaluation points
     last_val: dict[str, Any] = {}
     status, stopped_by = "running", "budget"
@@ -562,7 +562,7 @@ def train(
             tps = window["tokens"] / window["t"] if window["t"] > 0 else 0.0
             done = total_tokens is not None and st.tokens >= total_tokens
             bar.update(
-                st.tokens if total_tokens is not None else st.train_s,
+                st.tokens if total_tokens is not None else wall(),
                 f"step {st.step}  loss {ce_v + aux_v:.4f}  {_fmt(tps)} tok/s  "
                 f"{_fmt(tps * train_flops_per_token)}FLOP/s",
             )
