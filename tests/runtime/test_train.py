@@ -253,3 +253,13 @@ def test_weight_decay_skips_norms_and_embeddings(spec):
     assert "tok_embeddings.weight" not in names and "norm.weight" not in names
     assert "output.weight" in names and "layers.0.ffn.experts.w1" in names
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_training_step(spec, fpt, corpus, tmp_path):
+    _, s = _train(
+        spec, fpt, corpus, TrainConfig(steps=3, batch_size=4, device="cuda", eval_tokens=1024), tmp_path
+    )
+    assert s["device"].startswith("cuda") and s["steps"] == 3
+    assert math.isfinite(s["final_val_loss"]) and s["final_val_loss"] < s["initial_val_loss"]
