@@ -223,7 +223,9 @@ def memory(spec: ModelSpec, dtype: str = "bf16") -> MemoryEstimate:
     nm = spec.ffn.n_matrices
     per_layer_attn = 4 * d + (2 * a.n_heads + 2 * a.kv_heads) * dh
     if isinstance(a, MLASpec):  # latents, then q, k (nope + rope) and v per head, and the attention output
-        per_layer_attn = 4 * d + (a.q_lora_rank or 0) + a.kv_lora_rank + a.n_heads * (2 * dh + 2 * a.v_head_dim)
+        per_layer_attn = (
+            4 * d + (a.q_lora_rank or 0) + a.kv_lora_rank + a.n_heads * (2 * dh + 2 * a.v_head_dim)
+        )
     act = 0
     for i in range(spec.n_layers):
         act += per_layer_attn

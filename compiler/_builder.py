@@ -24,7 +24,9 @@ def _yarn(spec: ModelSpec) -> Yarn | None:
     if not isinstance(spec.positions, RopeSpec) or spec.positions.yarn is None:
         return None
     y = spec.positions.yarn
-    return Yarn(y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim)
+    return Yarn(
+        y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
+    )
 
 
 def _attention(spec: ModelSpec) -> Attention | MLAttention:

@@ -438,7 +438,7 @@ def _expressible(spec: ModelSpec, family: str) -> str | None:
             return "attention.latent_norm_eps: transformers uses 1e-6"
         if family == "deepseek_v2" and not a.rope_interleave:
             return "attention.rope_interleave: deepseek_v2 always rotates interleaved pairs"
-    else:
+    elif not isinstance(a, MLASpec):
         if family in ("mixtral",) and (a.qkv_bias or a.out_bias):
             return "attention.qkv_bias: mixtral has no attention biases"
         if family == "qwen2_moe" and a.out_bias:
@@ -678,7 +678,9 @@ def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -
     if spec.tie_embeddings:
         left = [k for k in left if k != "lm_head.weight"]
     beyond = [
-        k for k in left if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= spec.n_layers
+        k
+        for k in left
+        if (hit := re.match(r"model\.layers\.(\d+)\.", k)) and int(hit.group(1)) >= spec.n_layers
     ]
     left = [
         k for k in left if k not in beyond

@@ -30,7 +30,8 @@ MAX_EXPERTS = 1 << 16
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    # allow_inf_nan=False: `theta: .inf` is an error, not a model that cannot be built.
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- norms
@@ -61,6 +62,7 @@ class YarnSpec(_Section):
 
 class RopeSpec(_Section):
     kind: Literal["rope"] = "rope"
+    """Rotary position embeddings (RoPE), applied to queries and keys."""
     theta: float = Field(10000.0, gt=0)
     """RoPE base frequency."""
     yarn: YarnSpec | None = None
@@ -267,8 +269,9 @@ class MoESpec(_Section):
             missing = [k for k, v in fine.items() if v is None]
             if missing:
                 raise ValueError(
-                    f"{', '.join(missing)}: missing; give routed_experts and top_k (and expert_hidden), "
-                    "or the paper form `paper: {experts: N, top_k: K, m: m, shared: K_s}`"
+                    f"{missing[0]}: missing ({' and '.join(missing)} are required without `paper:`); give "
+                    "routed_experts and top_k (and expert_hidden), or the paper form "
+                    "`paper: {experts: N, top_k: K, m: m, shared: K_s}`"
                 )
         if self.layers is not None:
             if self.first_dense or self.every != 1:
@@ -382,7 +385,10 @@ class ModelSpec(_Section):
                     f"attention.qk_rope_head_dim: rope needs an even width, got {att.qk_rope_head_dim}"
                 )
         elif isinstance(self.positions, RopeSpec) and self.head_dim % 2:
-            raise ValueError(f"attention.head_dim: rope needs an even head dim, got {self.head_dim}")
+            raise ValueError(
+                f"attention.head_dim: rope needs an even head dim, got {self.head_dim}; "
+                "give an even attention.head_dim or change n_heads"
+            )
         if self.moe is not None:
             self._check_moe(self.moe)
         return self
@@ -390,7 +396,8 @@ class ModelSpec(_Section):
     def _check_moe(self, moe: MoESpec) -> None:
         if moe.layers is not None and any(i >= self.n_layers for i in moe.layers):
             raise ValueError(
-                f"moe.layers: indices must be < n_layers ({self.n_layers}), got {list(moe.layers)}"
+                f"moe.layers: {list(moe.layers)} has indices past the last layer; "
+                f"use indices from 0 to {self.n_layers - 1} (n_layers is {self.n_layers})"
             )
         if not self.moe_layers:
             raise ValueError(
@@ -437,23 +444,31 @@ class ModelSpec(_Section):
         g = moe.gate
         if d.routed_experts % g.n_group:
             raise ValueError(
-                f"moe.gate.n_group: {g.n_group} does not divide the {d.routed_experts} routed experts"
+                f"moe.gate.n_group: {g.n_group} does not divide the {d.routed_experts} routed experts; "
+                f"pick a divisor of {d.routed_experts}"
             )
         if g.topk_group > g.n_group:
-            raise ValueError(f"moe.gate.topk_group: {g.topk_group} > n_group {g.n_group}; use at most n_group")
+            raise ValueError(
+                f"moe.gate.topk_group: {g.topk_group} > n_group {g.n_group}; use at most n_group"
+            )
         if d.top_k > g.topk_group * (d.routed_experts // g.n_group):
             raise ValueError(
                 f"moe.gate.topk_group: {g.topk_group} groups of {d.routed_experts // g.n_group} experts "
                 f"hold fewer than top_k={d.top_k}; allow more groups"
             )
         if g.selection_bias and g.n_group > 1 and d.routed_experts // g.n_group < 2:
-            raise ValueError("moe.gate.n_group: a biased group score sums each group's two best; use >= 2 per group")
+            raise ValueError(
+                "moe.gate.n_group: a biased group score sums each group's two best; use >= 2 per group"
+            )
         if g.bias_update_speed and not g.selection_bias:
-            raise ValueError("moe.gate.bias_update_speed: set selection_bias: true for the bias to be updated")
+            raise ValueError(
+                "moe.gate.bias_update_speed: set selection_bias: true for the bias to be updated"
+            )
         if moe.shared_gate and not d.shared_experts:
             raise ValueError("moe.shared_gate: there is no shared expert to gate; set shared_experts")
         groups = moe.balance.device_groups
         if d.routed_experts % groups:
             raise ValueError(
-                f"moe.balance.device_groups: {groups} does not divide the {d.routed_experts} routed experts"
+                f"moe.balance.device_groups: {groups} does not divide the {d.routed_experts} routed experts; "
+                f"pick a divisor of {d.routed_experts}"
             )

@@ -63,14 +63,16 @@ class Yarn:
         """Frequencies below the beta_slow boundary are divided by factor, above beta_fast kept, ramped between."""
 
         def dim_for(rotations: float) -> float:
-            return head_dim * math.log(self.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+            turns = self.original_max_positions / (rotations * 2 * math.pi)
+            return head_dim * math.log(turns) / (2 * math.log(theta))
 
         low = max(math.floor(dim_for(self.beta_fast)), 0)
-        high = min(math.ceil(dim_for(self.beta_slow)), head_dim - 1)
+        high: float = min(math.ceil(dim_for(self.beta_slow)), head_dim - 1)
         if low == high:
             high += 0.001
         pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-        ramp = ((torch.arange(head_dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        i = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
+        ramp = ((i - low) / (high - low)).clamp(0, 1)
         keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
         return (1.0 / (self.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
@@ -80,7 +82,8 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [S, head_dim] in the rotate-half layout (as HF transformers and Llama use)."""
     if yarn is None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+        exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+        inv_freq = 1.0 / (theta**exponent)
     else:
         inv_freq = yarn.inv_freq(head_dim, theta, device)
     angles = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [S, dh/2]
@@ -175,7 +178,8 @@ class MLAttention(nn.Module):
     ):
         super().__init__()
         H, qk = n_heads, qk_nope_head_dim + qk_rope_head_dim
-        self.n_heads, self.nope, self.rope, self.v_head_dim = H, qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.n_heads, self.v_head_dim = H, v_head_dim
+        self.nope, self.rope = qk_nope_head_dim, qk_rope_head_dim
         self.kv_lora_rank = kv_lora_rank
         self.rope_theta, self.yarn, self.rope_interleave = rope_theta, yarn, rope_interleave
         self.wq = nn.Linear(dim, H * qk, bias=False) if q_lora_rank is None else None
@@ -279,7 +283,9 @@ class MoE(nn.Module):
             self.selection_bias: torch.Tensor | None = None
         else:
             bias_E = torch.zeros(n_routed)
-            if bias_is_parameter:  # counted like DeepSeek's reference code; the sign rule, not autograd, moves it
+            # A parameter in DeepSeek's reference code (so counted), a buffer in transformers'. Either way the
+            # sign rule moves it, never autograd.
+            if bias_is_parameter:
                 self.selection_bias = nn.Parameter(bias_E, requires_grad=False)
             else:
                 self.register_buffer("selection_bias", bias_E)
@@ -299,11 +305,12 @@ class MoE(nn.Module):
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
         logits_TE = self.router(x_TD).float()
-        scores_TE = logits_TE.sigmoid() if self.sigmoid else logits_TE.softmax(dim=-1)  # over routed experts only
+        # Scores over the routed experts only: softmax (DeepSeekMoE) or one sigmoid per expert (DeepSeek-V3).
+        scores_TE = logits_TE.sigmoid() if self.sigmoid else logits_TE.softmax(dim=-1)
         topk_idx_TK = self._choose(scores_TE)
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)  # gate values: unbiased scores of the chosen experts
         if self.selection_bias is not None and self.training:
-            self.load_E += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed).to(self.load_E.dtype)
+            self.load_E += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed).float()
         if self.normalize_topk:
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
         topk_w_TK = topk_w_TK * self.routed_scaling
@@ -314,7 +321,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD  # Qwen2-MoE's shared_expert_gate
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD  # Qwen2-MoE's gate
             out_TD = out_TD + shared_TD
         if self.sigmoid:  # balance losses use per-token normalized affinities (DeepSeek-V3 eq. 19-20)
             scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
@@ -345,10 +352,10 @@ class MoE(nn.Module):
         """
         if self.selection_bias is None:
             return
+        load_E: torch.Tensor = self.load_E  # type: ignore[assignment]
         if self.bias_update_speed:
-            load_E = self.load_E
             self.selection_bias.add_(self.bias_update_speed * torch.sign(load_E.mean() - load_E))
-        self.load_E.zero_()
+        load_E.zero_()
 
     def balance_loss(self, scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) -> torch.Tensor:
         """Expert-level (eq. 12-14) and device-level (eq. 15-17) balance losses.
@@ -361,8 +368,9 @@ class MoE(nn.Module):
             return zero
         B, S, E = scores_BSE.shape
         K = self.top_k
-        counts_BE = torch.zeros(B, E, device=scores_BSE.device, dtype=scores_BSE.dtype)
-        counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), torch.ones_like(topk_idx_BSK, dtype=scores_BSE.dtype).reshape(B, S * K))
+        # Tokens choosing each expert, per sequence: one bincount over (b, e) pairs.
+        pair_BN = topk_idx_BSK.reshape(B, S * K) + E * torch.arange(B, device=topk_idx_BSK.device)[:, None]
+        counts_BE = torch.bincount(pair_BN.flatten(), minlength=B * E).view(B, E).to(scores_BSE.dtype)
         loss = zero
         if self.expert_alpha:
             if self.per_sequence:
@@ -387,7 +395,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
 
-    def __init__(self, attention: Attention | MLAttention, ffn: nn.Module, norm_kind: str, dim: int, eps: float):
+    def __init__(self, attention: nn.Module, ffn: nn.Module, norm_kind: str, dim: int, eps: float):
         super().__init__()
         self.attention_norm = make_norm(norm_kind, dim, eps)
         self.attention = attention
