@@ -10,6 +10,7 @@ is validated by the same schema, and each value keeps the location it came from.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import typing
 from dataclasses import dataclass
@@ -76,7 +77,10 @@ def resolve(path_or_name: str | Path, kind: str = "models", relative_to: Path | 
         return shipped
     here = Loc(str(path_or_name), 1, 1)
     if candidates[0].exists():
-        raise SpecError([Problem(here, "", "is not a file")])
+        what = "a directory" if candidates[0].is_dir() else "not a regular file"
+        raise SpecError(
+            [Problem(here, "", f"is {what}, not a spec file; give a .yaml file or a shipped spec name")]
+        )
     names = shipped_names(kind)
     hint = difflib.get_close_matches(name, names, n=1)
     hint_s = f"; did you mean {hint[0]!r}?" if hint else f"; shipped {kind} specs: {', '.join(names)}"
@@ -95,74 +99,163 @@ def _dotted(path: Path_) -> str:
     return out
 
 
+# Explicit tags a spec may use: plain data only. Everything else (``!!python/object/apply:...``, ``!!binary``,
+# ``!!set``, local ``!tags``) is refused with a located problem; the safe loader would refuse python tags too.
+_PLAIN_TAGS = {
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
+}
+_MAX_NODES = 20_000  # aliases can expand a small file exponentially ("billion laughs")
+_MAX_DEPTH = 64
+_REFUSED = object()  # a value the reader refused (and reported); its key is dropped
+
+
+def _tag(tag: str) -> str:
+    return tag.replace("tag:yaml.org,2002:", "!!")
+
+
+def _syntax_message(e: yaml.MarkedYAMLError) -> str:
+    """PyYAML's error as one line, with where the enclosing construct began and a hint to fix it."""
+    problem = e.problem or "invalid YAML"
+    msg = f"YAML syntax error: {problem}"
+    if e.context and e.context_mark is not None and e.context_mark != e.problem_mark:
+        msg += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+    elif e.context:
+        msg += f" ({e.context})"
+    if "'\\t'" in problem:
+        hint = "indent with spaces, not tabs"
+    elif "another document" in problem:
+        hint = "a spec is one YAML document; remove the `---` line"
+    elif "expected ',' or" in problem:
+        hint = "close the bracket, or separate items with commas"
+    elif "quoted scalar" in (e.context or ""):
+        hint = "close the quote"
+    elif "mapping values are not allowed" in problem:
+        hint = "put each `key: value` on its own line, or quote a value that contains ': '"
+    elif "block end" in problem or "indentation" in problem:
+        hint = "check the indentation: keys of one mapping must start in the same column"
+    elif "undefined alias" in problem:
+        hint = "define the anchor (&name) before using *name"
+    else:
+        hint = ""
+    return f"{msg}; {hint}" if hint else msg
+
+
 def parse_yaml(text: str, file: str, soft: list[Problem] | None = None) -> tuple[Any, Locs]:
     """Compose YAML safely and return plain data plus the location of every key and item.
 
     Problems that leave the document readable (duplicate keys: the first value is kept) go to `soft`
     when given, so they are reported together with the schema's problems; otherwise they raise.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as e:  # the reader checks for control characters up front
+        return _reader_error(e, text, file)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         loc = _mark(file, mark) if mark else Loc(file, 1, 1)
-        what = " ".join(s for s in (e.context, e.problem) if s)
-        raise SpecError([Problem(loc, "", f"YAML syntax error: {what}")]) from None
+        raise SpecError([Problem(loc, "", _syntax_message(e))]) from None
     except yaml.YAMLError as e:  # reader errors: control characters, bad encoding
-        mark = getattr(e, "position", None)
-        line = text.count("\n", 0, mark) + 1 if isinstance(mark, int) else 1
-        raise SpecError([Problem(Loc(file, line, 1), "", f"not a YAML text file ({e})")]) from None
+        return _reader_error(e, text, file)
+    except RecursionError:
+        raise SpecError([Problem(Loc(file, 1, 1), "", "YAML nested too deeply to be a spec")]) from None
     finally:
         loader.dispose()
     locs: Locs = {}
     problems: list[Problem] = []
     if node is None:
         return None, locs
+    budget = [_MAX_NODES]
+    active: set[int] = set()  # nodes being walked: an alias back to one of them is a cycle
+
+    def refuse(n: yaml.Node, path: Path_, message: str) -> Any:
+        problems.append(Problem(_mark(file, n.start_mark), _dotted(path), message))
+        return _REFUSED
 
     def walk(n: yaml.Node, path: Path_) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            msg = f"the document expands to more than {_MAX_NODES} values (YAML aliases?)"
+            raise SpecError([Problem(_mark(file, n.start_mark), _dotted(path), msg)])
+        if id(n) in active:
+            return refuse(
+                n, path, "an alias refers to a value that contains it; specs are finite, plain data"
+            )
+        if len(path) > _MAX_DEPTH:
+            return refuse(n, path, f"nested more than {_MAX_DEPTH} levels deep")
+        if n.tag not in _PLAIN_TAGS:
+            return refuse(
+                n, path, f"YAML tag {_tag(n.tag)} is not allowed; specs are plain data (remove the tag)"
+            )
+        active.add(id(n))
+        try:
+            return walk_node(n, path)
+        finally:
+            active.discard(id(n))
+
+    def walk_node(n: yaml.Node, path: Path_) -> Any:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for k_node, v_node in n.value:
                 if k_node.tag == "tag:yaml.org,2002:merge":
-                    problems.append(
-                        Problem(_mark(file, k_node.start_mark), _dotted(path), "YAML merge keys (<<) are not supported; use `base:`")
-                    )
+                    refuse(k_node, path, "YAML merge keys (<<) are not supported; use `base:`")
                     continue
                 key = walk(k_node, path)
+                if key is _REFUSED:
+                    continue
                 if not isinstance(key, str | int | float | bool) or key is None:
-                    problems.append(Problem(_mark(file, k_node.start_mark), _dotted(path), f"key {key!r} must be a string"))
+                    refuse(k_node, path, f"key {_yaml_repr(key)} must be a plain name")
                     continue
                 key = str(key) if not isinstance(key, str) else key
                 sub = (*path, key)
-                if key in out:
-                    first = locs[sub]
-                    problems.append(
-                        Problem(_mark(file, k_node.start_mark), _dotted(sub), f"duplicate key (first given at line {first.line})")
-                    )
+                if key in out or sub in locs:
+                    first = locs[sub].line
+                    refuse(k_node, sub, f"duplicate key (first given at line {first}); keep one of them")
                     continue
                 locs[sub] = _mark(file, k_node.start_mark)
-                out[key] = walk(v_node, sub)
+                value = walk(v_node, sub)
+                if (
+                    value is not _REFUSED
+                ):  # a refused value is dropped, so the schema does not report it twice
+                    out[key] = value
             return out
         if isinstance(n, yaml.SequenceNode):
             items = []
             for i, item in enumerate(n.value):
                 locs[(*path, i)] = _mark(file, item.start_mark)
-                items.append(walk(item, (*path, i)))
+                value = walk(item, (*path, i))
+                items.append(None if value is _REFUSED else value)
             return items
         try:
             return loader.construct_object(n, deep=True)
-        except yaml.YAMLError as e:
-            problems.append(Problem(_mark(file, n.start_mark), _dotted(path), f"cannot read value: {getattr(e, 'problem', e)}"))
-            return None
+        except (yaml.YAMLError, ValueError, OverflowError) as e:
+            return refuse(n, path, f"cannot read value: {getattr(e, 'problem', e)}")
 
     data = walk(node, ())
     locs.setdefault((), _mark(file, node.start_mark))
-    if problems and soft is None:
+    if problems and (soft is None or data is _REFUSED):
         raise SpecError(problems)
     if soft is not None:
         soft.extend(problems)
     return data, locs
+
+
+def _reader_error(e: yaml.YAMLError, text: str, file: str) -> typing.NoReturn:
+    pos = getattr(e, "position", None)
+    line = text.count("\n", 0, pos) + 1 if isinstance(pos, int) else 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1 if isinstance(pos, int) else 1
+    char = getattr(e, "character", None)
+    what = (
+        f"control character {char!r}"
+        if isinstance(char, str)
+        else f"character #x{char:04x}"
+        if isinstance(char, int)
+        else "data"
+    )
+    raise SpecError(
+        [Problem(Loc(file, line, col), "", f"not a YAML text file: unacceptable {what}; remove it")]
+    ) from None
 
 
 def read_yaml(path: Path, soft: list[Problem] | None = None) -> tuple[Any, Locs]:
@@ -171,7 +264,10 @@ def read_yaml(path: Path, soft: list[Problem] | None = None) -> tuple[Any, Locs]
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise SpecError([Problem(Loc(file, 1, 1), "", f"cannot read file: {e.strerror or e}")]) from None
+        hint = "; check its permissions" if isinstance(e, PermissionError) else ""
+        raise SpecError(
+            [Problem(Loc(file, 1, 1), "", f"cannot read file: {e.strerror or e}{hint}")]
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -188,7 +284,9 @@ def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         b = out.get(k)
-        same_kind = not (isinstance(v, dict) and isinstance(b, dict) and "kind" in v and v.get("kind") != b.get("kind"))
+        same_kind = not (
+            isinstance(v, dict) and isinstance(b, dict) and "kind" in v and v.get("kind") != b.get("kind")
+        )
         out[k] = _merge(b, v) if isinstance(b, dict) and isinstance(v, dict) and same_kind else v
     return out
 
@@ -202,42 +300,104 @@ def load_document(
     if data is None:
         raise SpecError([Problem(Loc(file, 1, 1), "", "empty spec; see `moeforge schema` for the keys")])
     if not isinstance(data, dict):
-        raise SpecError([Problem(locs[()], "", f"the spec must be a mapping of keys, not a {type(data).__name__}")])
+        raise SpecError(
+            [
+                Problem(
+                    locs[()],
+                    "",
+                    f"the spec must be a mapping of keys (`name: ...`), not a {_kind_of(data)} ({_short(data)})",
+                )
+            ]
+        )
     base_ref = data.pop("base", None)
     if base_ref is None:
         return data, locs
     base_loc = locs.pop(("base",))
     if not isinstance(base_ref, str):
-        raise SpecError([Problem(base_loc, "base", "must be a file path or shipped spec name")])
+        raise SpecError(
+            [Problem(base_loc, "base", f"must be a file path or shipped spec name (got {_short(base_ref)})")]
+        )
     try:
         base_path = resolve(base_ref, kind, relative_to=path.parent)
     except SpecError as e:
         raise SpecError([Problem(base_loc, "base", f"{base_ref!r}: {e.problems[0].message}")]) from None
-    if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
-        raise SpecError([Problem(base_loc, "base", f"{base_ref!r} inherits from itself (a cycle)")])
-    base_data, base_locs = load_document(base_path, kind, soft, (*_seen, path.resolve()))
+    chain = (*_seen, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(base_path.resolve()) :], base_path))
+        raise SpecError(
+            [Problem(base_loc, "base", f"{base_ref!r} makes a cycle ({cycle}); remove one `base:`")]
+        )
+    base_data, base_locs = load_document(base_path, kind, soft, chain)
     merged = _merge(base_data, data)
-    # Locations: a key's own file wins; inherited keys point into the base file.
-    all_locs = {**base_locs, **locs}
-    return merged, all_locs
+    # Locations: a key's own file wins; inherited keys point into the base file. A section the child
+    # replaced (another `kind`, or null) keeps no locations from the base.
+    return merged, _prune({**base_locs, **locs}, merged)
+
+
+def _prune(locs: Locs, data: Any) -> Locs:
+    """The locations whose path still exists in `data`."""
+
+    def exists(path: Path_) -> bool:
+        node = data
+        for p in path:
+            if not _has(node, p):
+                return False
+            node = node[p]
+        return True
+
+    return {k: v for k, v in locs.items() if exists(k)}
+
+
+def _has(node: Any, key: str | int) -> bool:
+    """Whether `node[key]` is a value the YAML gave (a key of a mapping or an index of a list)."""
+    if isinstance(node, dict):
+        return key in node
+    return isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node)
+
+
+def _kind_of(value: Any) -> str:
+    return {
+        list: "list",
+        dict: "mapping",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 def apply_overrides(data: dict, locs: Locs, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars or flow collections)."""
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars or flow collections).
+
+    Each override is located in a pseudo-file ``<--set key=value>`` whose column 1 is the key's first
+    character, so problems with the value point into it. `locs` is updated in place.
+    """
     data = _merge({}, data)
     problems = []
     for ov in overrides:
         where = f"<--set {ov}>"
         key, eq, raw = ov.partition("=")
-        if not eq or not key.strip():
-            problems.append(Problem(Loc(where, 1, 1), "", "expected key=value, e.g. --set moe.top_k=4"))
-            continue
-        try:
-            value, _ = parse_yaml(raw, where)
-        except SpecError as e:
-            problems.extend(e.problems)
-            continue
         parts = key.strip().split(".")
+        if not eq or not all(re.fullmatch(r"[A-Za-z_][\w-]*", p) for p in parts):
+            problems.append(
+                Problem(
+                    Loc(where, 1, 1),
+                    key.strip(),
+                    "expected KEY=VALUE with a dotted key, e.g. --set moe.top_k=4",
+                )
+            )
+            continue
+        try:  # padded so that columns count from the start of "key=value"
+            value, sub_locs = parse_yaml(" " * (len(key) + 1) + raw, where)
+        except SpecError as e:  # name the overridden key in each problem
+            dotted = key.strip()
+            problems.extend(
+                Problem(
+                    q.loc, dotted + ("" if q.key.startswith("[") or not q.key else ".") + q.key, q.message
+                )
+                for q in e.problems
+            )
+            continue
         node = data
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -246,9 +406,12 @@ def apply_overrides(data: dict, locs: Locs, overrides: list[str] | tuple[str, ..
             node = nxt
         node[parts[-1]] = value
         path = tuple(parts)
-        for i in range(1, len(path) + 1):
-            locs.setdefault(path[:i], Loc(where, 1, len(key) + 2))
-        locs[path] = Loc(where, 1, len(key) + 2)
+        for stale in [k for k in locs if k[: len(path)] == path]:
+            del locs[stale]
+        for i in range(1, len(path)):
+            locs.setdefault(path[:i], Loc(where, 1, 1))
+        locs[path] = Loc(where, 1, 1)
+        locs.update({(*path, *sub): loc for sub, loc in sub_locs.items() if sub})
     if problems:
         raise SpecError(problems)
     return data
@@ -264,6 +427,16 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return out
 
 
+def _kinds(options: list[type[BaseModel]]) -> list[str]:
+    """The `kind` values a discriminated union accepts."""
+    return [
+        str(a)
+        for m in options
+        if "kind" in m.model_fields
+        for a in typing.get_args(m.model_fields["kind"].annotation)
+    ]
+
+
 def _model_at(cls: type[BaseModel], data: Any, path: Path_) -> type[BaseModel] | None:
     """The pydantic model class that validates `data` at `path` (discriminated by `kind`)."""
     for key in path:
@@ -274,28 +447,50 @@ def _model_at(cls: type[BaseModel], data: Any, path: Path_) -> type[BaseModel] |
         if not options:
             return None
         kind = data.get("kind") if isinstance(data, dict) else None
-        match = [m for m in options if "kind" in m.model_fields and kind in typing.get_args(m.model_fields["kind"].annotation)]
+        match = [m for m in options if kind in _kinds([m])]
         cls = (match or options)[0]
     return cls
 
 
-def _data_path(loc: tuple, data: Any) -> Path_:
+def _options_at(cls: type[BaseModel], data: Any, path: Path_) -> list[type[BaseModel]]:
+    """Every model class the value at `path` may be (several for a discriminated union)."""
+    parent = _model_at(cls, data, path[:-1]) if path else None
+    if parent is None or isinstance(path[-1], int) or path[-1] not in parent.model_fields:
+        return []
+    return _models_in(parent.model_fields[path[-1]].annotation)
+
+
+def _field_at(cls: type[BaseModel], data: Any, path: Path_) -> Any:
+    parent = _model_at(cls, data, path[:-1]) if path else None
+    if parent is None or isinstance(path[-1], int):
+        return None
+    return parent.model_fields.get(path[-1])
+
+
+def _data_path(cls: type[BaseModel], loc: tuple, root: Any) -> Path_:
     """Map a pydantic error location onto the data, dropping union tags and validator names."""
     out: list[str | int] = []
+    data = root
     for p in loc:
-        if isinstance(data, dict) and p in data:
+        if _has(data, p):
             out.append(p)
             data = data[p]
-        elif isinstance(data, list) and isinstance(p, int) and p < len(data):
-            out.append(p)
-            data = data[p]
-        elif isinstance(data, dict) and isinstance(p, str) and not re.search(r"[\[\]-]", p) and p not in _UNION_TAGS:
-            out.append(p)  # a missing or unknown key: keep it for the message
-            data = None
+        elif isinstance(data, dict) and isinstance(p, str):
+            model = _model_at(cls, root, tuple(out))
+            # A missing key is a field of the model there; anything else is a union tag or a validator name.
+            known = (
+                p in model.model_fields
+                if model is not None
+                else not re.search(r"[\[\]-]", p) and p not in _UNION_TAGS
+            )
+            if known and p != data.get("kind"):
+                out.append(p)
+                data = None
     return tuple(out)
 
 
-_UNION_TAGS = {"mha", "gqa", "mla", "rope", "learned", "none", "int", "float", "str", "bool", "tuple", "list"}
+# Union tags pydantic puts in error locations, for places where the model is not known (inside dicts).
+_UNION_TAGS = {"int", "float", "str", "bool", "tuple", "list", "dict", "none"}
 
 
 def _locate(locs: Locs, path: Path_) -> Loc:
@@ -306,36 +501,130 @@ def _locate(locs: Locs, path: Path_) -> Loc:
 
 
 _KEY_MSG = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*): (.*)$", re.S)
+_TYPE_MSG = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string (quote it)",
+    "dict_type": "must be a mapping of keys (`key: value` lines or {key: value})",
+    "model_type": "must be a mapping of keys (`key: value` lines or {key: value})",
+    "model_attributes_type": "must be a mapping of keys (`key: value` lines or {key: value})",
+    "tuple_type": "must be a list, e.g. [0, 2]",
+    "list_type": "must be a list, e.g. [0, 2]",
+    "finite_number": "must be a finite number",
+}
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(\d[\d_]*)?\.?\d*([eE][-+]?\d+)?\s*")
+
+
+def _explain(cls: type[BaseModel], data: Any, err: Any) -> tuple[Path_, str]:
+    """A pydantic error as (path in the data, message that says what was given and how to fix it)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    path = _data_path(cls, err["loc"], data)
+    msg = err["msg"].removeprefix("Value error, ")
+    given = "input" in err
+    value = err.get("input")
+    if kind == "value_error":
+        m = _KEY_MSG.match(msg)
+        if m:  # our validators name the key they complain about, relative to where they run
+            path = (*path, *m.group(1).split("."))
+            msg = m.group(2)
+        return path, msg
+    if kind == "extra_forbidden":
+        parent = _model_at(cls, data, path[:-1])
+        known = list(parent.model_fields) if parent else []
+        key = str(path[-1])
+        close = difflib.get_close_matches(key, known, n=1)
+        msg = (
+            f"unknown key; did you mean {close[0]!r}?"
+            if close
+            else f"unknown key; allowed: {', '.join(known)}"
+        )
+        owners = [
+            k
+            for m in _options_at(cls, data, path[:-1])
+            if m is not parent and key in m.model_fields
+            for k in _kinds([m])
+        ]
+        if owners and parent is not None and _kinds([parent]):
+            msg = f"unknown key for kind {_kinds([parent])[0]!r}; {key!r} is a key of kind {owners[0]!r} (set `kind: {owners[0]}`)"
+        return path, msg
+    if kind == "missing":
+        field = _field_at(cls, data, path)
+        doc = (field.description or "").split("\n")[0].split("; ")[0].rstrip(".") if field else ""
+        kinds = _kinds(_options_at(cls, data, path))
+        what = f" (kind: {' | '.join(kinds)})" if kinds else (f" ({doc})" if doc else "")
+        return path, f"required key is missing; add it{what}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        kinds = _kinds(_options_at(cls, data, path))
+        if kind == "union_tag_not_found":
+            return path, f"missing `kind`; give one of: {', '.join(kinds)}"
+        tag = str(ctx.get("tag"))
+        close = difflib.get_close_matches(tag, kinds, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return (*path, "kind"), f"unknown kind {tag!r}; allowed kinds: {', '.join(kinds)}{hint}"
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return path, f"must be one of: {', '.join(allowed)} (got {_yaml_repr(value)}){hint}"
+    msg = _TYPE_MSG.get(kind, msg.replace("Input should be", "must be"))
+    if given:
+        msg += f" (got {_yaml_repr(value)})"
+    if kind in ("int_type", "float_type"):
+        msg += _number_hint(kind, value, _field_at(cls, data, path))
+    return path, msg
+
+
+def _number_hint(kind: str, value: Any, field: Any) -> str:
+    if isinstance(value, bool):
+        return "; true/false is not a number"
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value) and any(c.isdigit() for c in value):
+        if re.search(r"[eE]", value) and "." not in value:
+            return f"; YAML reads {value} as text: write it with a dot, e.g. {value.replace('e', '.0e').replace('E', '.0E')}"
+        return "; remove the quotes"
+    bounds = _bounds(field)
+    if kind == "int_type" and isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"; write {int(value)}"
+    if kind == "int_type" and isinstance(value, float):
+        return f"; write a whole number{f' {bounds}' if bounds else ''}"
+    return ""
+
+
+def _bounds(field: Any) -> str:
+    """The numeric constraints of a field as text, e.g. '> 0 and <= 1048576'."""
+    if field is None:
+        return ""
+    out = []
+    for m in field.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                out.append(f"{op} {v}")
+    return " and ".join(out)
+
+
+def _yaml_repr(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return _short(value)
 
 
 def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = None) -> M:
     """Validate `data` against `cls`, turning every pydantic error into a located Problem.
 
-    `soft` problems found while reading (duplicate keys) are reported with the schema's.
+    Validation is strict (``true`` is not 1, ``"64"`` and ``64.0`` are not integers) and goes through
+    JSON so that YAML lists fill tuple fields. `soft` problems found while reading (duplicate keys) are
+    reported with the schema's.
     """
     try:
-        result = cls.model_validate(data)
+        result = cls.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as e:
         problems = list(soft or [])
         for err in e.errors(include_url=False):
-            path = _data_path(err["loc"], data)
-            msg = err["msg"].removeprefix("Value error, ")
-            m = _KEY_MSG.match(msg)
-            if err["type"] == "value_error" and m:
-                # Our validators name the key they complain about, relative to where they run.
-                path = (*path, *m.group(1).split("."))
-                msg = m.group(2)
-            elif err["type"] == "extra_forbidden":
-                parent = _model_at(cls, data, path[:-1])
-                known = list(parent.model_fields) if parent else []
-                close = difflib.get_close_matches(str(path[-1]), known, n=1)
-                msg = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; allowed: {', '.join(known)}"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            elif "input" in err and err["type"] not in ("union_tag_invalid", "model_attributes_type"):
-                msg = f"{msg} (got {_short(err['input'])})"
+            path, msg = _explain(cls, data, err)
             problems.append(Problem(_locate(locs, path), _dotted(path), msg))
-        problems.sort(key=lambda p: (p.loc.file, p.loc.line, p.loc.col))
+        problems = list(dict.fromkeys(problems))
+        problems.sort(key=lambda p: (p.loc.file.startswith("<--set"), p.loc.file, p.loc.line, p.loc.col))
         raise SpecError(problems) from None
     if soft:
         raise SpecError(list(soft))
@@ -347,7 +636,9 @@ def _short(value: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def load_validated(cls: type[M], path_or_name: str | Path, kind: str, overrides: list[str] | tuple[str, ...] = ()) -> M:
+def load_validated(
+    cls: type[M], path_or_name: str | Path, kind: str, overrides: list[str] | tuple[str, ...] = ()
+) -> M:
     """Resolve, read, compose, override and validate one spec file."""
     path = resolve(path_or_name, kind)
     soft: list[Problem] = []
@@ -355,4 +646,3 @@ def load_validated(cls: type[M], path_or_name: str | Path, kind: str, overrides:
     if overrides:
         data = apply_overrides(data, locs, overrides)
     return validate(cls, data, locs, soft)
-
