@@ -96,17 +96,18 @@ def redact(url: str) -> str:
     return url
 
 
-def _constraints_func(n: int) -> Callable[[FrozenTrial], list[float]]:
-    def f(trial: FrozenTrial) -> list[float]:
-        return list(trial.user_attrs.get("constraints", [0.0] * n))
-
-    return f
-
-
-def n_constraints(search: SearchSpec) -> int:
+def constraint_names(search: SearchSpec) -> list[str]:
+    """Names of the trial constraints: ``valid_spec`` first, then each limit the search sets."""
     c = search.constraints
-    limits = (c.max_params_total, c.max_params_activated, c.max_forward_flops_per_token, c.max_memory_bytes)
-    return 1 + sum(x is not None for x in limits)  # slot 0: the proposal is a valid spec
+    limits = ("max_params_total", "max_params_activated", "max_forward_flops_per_token", "max_memory_bytes")
+    return ["valid_spec", *(n for n in limits if getattr(c, n) is not None)]
+
+
+def _constrain(trial: optuna.Trial, search: SearchSpec, values: list[float]) -> None:
+    """Record constraint values through Optuna's constraint API (samplers read them) and as a user attr."""
+    trial.set_user_attr("constraints", values)
+    for name, value in zip(constraint_names(search), values, strict=True):
+        trial.set_constraint(name, float(value))
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -120,7 +121,6 @@ class _GridSampler(optuna.samplers.GridSampler):
 def make_sampler(search: SearchSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
     s = search.sampler
     seed = s.seed + worker
-    cf = _constraints_func(n_constraints(search))
     if s.kind == "grid":
         return _GridSampler(grid_space(search), seed=seed)
     if s.kind == "random":
@@ -130,11 +130,11 @@ def make_sampler(search: SearchSpec, worker: int = 0) -> optuna.samplers.BaseSam
             import scipy  # noqa: F401
         except ImportError:
             raise SearchStop("sampler.kind gp needs scipy: pip install scipy (or use tpe)") from None
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials, constraints_func=cf)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.kind == "nsga2":
         pop = min(50, max(4, search.n_trials // 4))
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop, constraints_func=cf)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials, constraints_func=cf)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
 
 
 def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
@@ -214,6 +214,8 @@ def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
     from runtime import Diverged, OutOfMemory, TrainConfig, load_corpus, train
 
     dev = device or search.train.device
+    if search.train.cpu_threads:
+        torch.set_num_threads(search.train.cpu_threads)
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     corpora: dict[int, Any] = {}
@@ -370,7 +372,7 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
     cap = search.n_trials
     deadline = time.monotonic() + search.timeout_s if search.timeout_s else math.inf
     metric = search.objective.metric
-    n_cons = n_constraints(search)
+    n_cons = len(constraint_names(search))
     prefix = f"[w{opts.worker}]"
     skips = trained = 0
     sampler = study.sampler
@@ -397,14 +399,14 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
         try:
             spec = trial_to_spec(search, params)
         except Infeasible as e:
-            trial.set_user_attr("constraints", [1.0] + [0.0] * (n_cons - 1))
+            _constrain(trial, search, [1.0] + [0.0] * (n_cons - 1))
             trial.set_user_attr("infeasible", str(e))
             study.tell(trial, state=TrialState.PRUNED)
             opts.log(f"{prefix} trial {trial.number} ({label}): infeasible, {e}")
             skips += 1
             continue
         cons = [0.0, *constraint_values(search, spec)]
-        trial.set_user_attr("constraints", cons)
+        _constrain(trial, search, cons)
         for k, v in describe(spec).items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("spec", spec.model_dump(mode="json"))

@@ -130,9 +130,7 @@ def _trade_width_for_depth(
 ) -> ModelSpec:
     target = account(spec).forward_flops_per_token
     d0, a = spec.d_model, spec.attention
-    group = a.n_heads // a.kv_heads
-    dh = spec.head_dim
-    quantum = dh * group  # d_model keeps the head dim and the GQA group
+    quantum = 2 * a.n_heads  # heads stay; the head dim d_model / n_heads stays even for rope
     moe = spec.moe
 
     def scaled(width: int, d: int, q: int) -> int:
@@ -142,9 +140,8 @@ def _trade_width_for_depth(
         out = copy.deepcopy(data)
         out["n_layers"] = n_layers
         out["d_model"] = d
-        out["attention"]["n_heads"] = d // dh
-        if a.kind == "gqa":
-            out["attention"]["n_kv_heads"] = d // dh // group
+        if a.head_dim is not None:
+            out["attention"]["head_dim"] = d // a.n_heads
         out["ffn"]["hidden"] = scaled(spec.ffn.hidden, d, multiple)
         if moe is not None:
             m_out = out["moe"]

@@ -98,9 +98,9 @@ ParamDist = Annotated[
 class WidthDepth(_Section):
     """Trade depth for width at fixed forward FLOPs per token.
 
-    For each depth in `n_layers`, d_model is the multiple of the head dim (times the GQA group) whose
-    forward FLOPs per token come closest to the candidate's at the base depth and width; heads follow
-    (head dim fixed), and every FFN and expert width scales with d_model (rounded to a multiple of every
+    For each depth in `n_layers`, d_model is the multiple of 2 x n_heads whose forward FLOPs per token
+    come closest to the candidate's at the base depth and width; the head count stays (head dim =
+    d_model / n_heads), and every FFN and expert width scales with d_model (rounded to a multiple of every
     segmentation m in the space). A depth whose best width misses by more than `tolerance` is infeasible.
     """
 
@@ -209,6 +209,8 @@ class TrainSettings(_Section):
     """Peak learning rate; default the trainer's."""
     eval_points: int = Field(4, ge=1, le=1000)
     """Validation evaluations per trial at equal fractions of its budget; the pruner sees each."""
+    cpu_threads: int | None = Field(None, gt=0)
+    """torch threads on CPU; 1 is fastest for tiny models on a busy machine and for several workers."""
     data: str | None = None
     """Corpus: null for the bundled one, or a path (see `runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}

@@ -1,0 +1,92 @@
+"""trial_to_spec is pure and keeps DeepSeekMoE's fixed quantities fixed; constraints are analytic."""
+
+import copy
+
+import pytest
+
+from compiler import account
+from search import Infeasible, constraint_values, grid_space, load_search, spec_key, trial_to_spec
+
+
+def test_trial_to_spec_is_pure(make_search):
+    s = make_search()
+    base_before = copy.deepcopy(s.base)
+    a = trial_to_spec(s, {"m": 2, "K_s": 1})
+    b = trial_to_spec(s, {"m": 2, "K_s": 1})
+    assert a == b and hash(a) == hash(b) and spec_key(a) == spec_key(b)
+    assert s.base == base_before  # the search's base data is not mutated
+    assert trial_to_spec(s, {"m": 4, "K_s": 1}) != a
+
+
+def test_granularity_and_shared_keep_expert_params_fixed(make_search):
+    s = make_search()
+    ref = account(trial_to_spec(s, {"m": 1, "K_s": 0}))
+    for m, ks in ((2, 0), (2, 1), (4, 0), (4, 1)):
+        spec = trial_to_spec(s, {"m": m, "K_s": ks})
+        d = spec.moe_derived
+        assert (d.routed_experts, d.shared_experts, d.top_k) == (4 * m - ks, ks, m - ks)
+        acc = account(spec)
+        expert_total = acc.params["routed_experts"] + acc.params["shared_experts"]
+        expert_active = acc.activated["routed_experts"] + acc.activated["shared_experts"]
+        assert expert_total == ref.params["routed_experts"]
+        assert expert_active == ref.activated["routed_experts"]
+        # only the router grows, one row per routed expert
+        assert acc.params_total - ref.params_total == acc.params["router"] - ref.params["router"]
+
+
+def test_invalid_proposal_is_infeasible(make_search):
+    s = make_search()
+    with pytest.raises(Infeasible, match="no routed expert"):
+        trial_to_spec(s, {"m": 1, "K_s": 1})
+
+
+def test_width_depth_keeps_flops_within_tolerance(make_search):
+    s = make_search("  width_depth: {n_layers: [1, 2, 4], tolerance: 0.15}")
+    target = account(trial_to_spec(s, {"n_layers": 2})).forward_flops_per_token
+    widths = set()
+    for n in (1, 4):
+        spec = trial_to_spec(s, {"n_layers": n})
+        assert spec.n_layers == n and spec.attention.n_heads == 4
+        assert abs(account(spec).forward_flops_per_token / target - 1) <= 0.15
+        widths.add(spec.d_model)
+    assert len(widths) == 2  # depth really traded for width
+    tight = make_search("  width_depth: {n_layers: [7], tolerance: 0.001}", name="tight")
+    with pytest.raises(Infeasible, match="n_layers=7"):
+        trial_to_spec(tight, {"n_layers": 7})
+
+
+def test_dotted_params_and_grid(make_search):
+    s = make_search(
+        "  params:\n    moe.balance.expert_alpha: {categorical: [0.0, 0.01]}\n    d_model: {int: {low: 32, high: 64, step: 32}}"
+    )
+    spec = trial_to_spec(s, {"moe.balance.expert_alpha": 0.0, "d_model": 32})
+    assert spec.moe.balance.expert_alpha == 0.0 and spec.d_model == 32
+    assert grid_space(s) == {"moe.balance.expert_alpha": [0.0, 0.01], "d_model": [32, 64]}
+
+
+def test_constraint_values_sign(make_search):
+    s = make_search(extra="constraints: {max_params_total: 263200, max_forward_flops_per_token: 1000000000}")
+    small = trial_to_spec(s, {"m": 1, "K_s": 0})
+    big = trial_to_spec(s, {"m": 4, "K_s": 0})
+    assert all(v <= 0 for v in constraint_values(s, small))
+    big_values = constraint_values(s, big)
+    assert big_values[0] > 0 and big_values[1] <= 0
+
+
+@pytest.mark.parametrize("name", ["quickstart", "granularity"])
+def test_shipped_searches_load_and_make_specs(name):
+    from search import grid_space as gs
+
+    s = load_search(name)
+    grid = gs(s)
+    assert grid
+    import itertools
+
+    made = 0
+    for combo in itertools.product(*grid.values()):
+        try:
+            trial_to_spec(s, dict(zip(grid, combo, strict=True)))
+            made += 1
+        except Infeasible:
+            pass
+    assert made >= 4
