@@ -1,0 +1,45 @@
+"""Each benchmark's entry point runs end to end at tiny shapes and reports what its JSON promises.
+
+No timing assertions: speed goals live in the benchmarks themselves, measured side by side.
+"""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import moe_dispatch, moe_layer
+
+
+def _positive_float(v) -> bool:
+    return isinstance(v, float) and v > 0
+
+
+def test_moe_layer_smoke(capsys):
+    res = moe_layer.main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--json"])
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :]) == json.loads(json.dumps(res))  # the printed JSON is the result
+    assert _positive_float(res["moe_over_dense"])
+    for k in ("median_ms", "shape", "torch", "threads", "dispatch", "hf_over_moe"):
+        assert k in res
+    assert set(res["median_ms"]) >= {"moe", "dense"}
+    assert all(_positive_float(v) for v in res["median_ms"].values())
+    if res["hf_over_moe"] is not None:  # transformers installed: the outputs were compared before timing
+        assert _positive_float(res["hf_over_moe"])
+        assert res["hf_max_abs_diff"] < 1e-4
+
+
+def test_moe_layer_forced_dispatch_variant():
+    res = moe_layer.run(tokens=32, seq_len=16, repeats=1, warmup=0, hf=False, dispatches=("padded_bmm",))
+    assert res["hf_over_moe"] is None
+    assert res["shape"]["batch"] == 2
+    assert _positive_float(res["median_ms"]["moe:padded_bmm"])
+
+
+def test_moe_dispatch_smoke(capsys):
+    moe_dispatch.main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--json"])
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{") :])
+    assert set(res["median_ms"]) == {"grouped_mm", "padded_bmm", "loop"}
+    assert all(_positive_float(v) for v in res["median_ms"].values())
+    for k in ("grouped_over_loop", "padded_over_loop"):
+        assert _positive_float(res[k])
