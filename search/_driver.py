@@ -90,15 +90,22 @@ def run_search(
         f"{search.budget.train_flops:.3g} training FLOPs each"
     )
     interrupted = False
+    worker_errors: list[int] = []
     try:
         if cfg.workers <= 1:
             run_worker(search, study, evaluate or _evaluator(search, cfg), WorkerOptions(run_dir, 0, log))
         else:
-            _run_processes(search, study, url, name, cfg, log)
+            worker_errors = _run_processes(search, study, url, name, cfg, log)
     except KeyboardInterrupt:
         interrupted = True
     summary = write_results(study, search, run_dir, plots=cfg.plots)
-    summary.update(storage=redact(url), study=name, run_dir=str(run_dir), interrupted=interrupted)
+    summary.update(
+        storage=redact(url),
+        study=name,
+        run_dir=str(run_dir),
+        interrupted=interrupted,
+        worker_errors=worker_errors,
+    )
     if interrupted:
         raise KeyboardInterrupt
     return summary
@@ -132,7 +139,7 @@ def _gpus() -> list[str]:
 
 def _run_processes(
     search: SearchSpec, study: optuna.Study, url: str, name: str, cfg: RunConfig, log: Callable[[str], None]
-) -> None:
+) -> list[int]:
     """N worker processes of this same command; one GPU each when there are GPUs; poll for the best."""
     gpus = _gpus() if (cfg.device or search.train.device) in ("auto", "cuda") else []
     procs = []
@@ -168,6 +175,7 @@ def _run_processes(
     bad = [p.returncode for p in procs if p.returncode not in (0, None)]
     if bad:
         log(f"{len(bad)} worker(s) exited with status {bad}; finished trials are kept, rerun to resume")
+    return bad
 
 
 def report(

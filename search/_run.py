@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from compiler import ModelSpec, account
@@ -82,7 +83,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             engine_kwargs={} if scheme.startswith("sqlite") else {"pool_pre_ping": True},
             heartbeat_interval=interval,
             grace_period=2 * interval,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
         raise SearchStop(f"cannot open storage {redact(url)}: {str(e).splitlines()[0]}") from None
@@ -296,17 +297,22 @@ class WorkerOptions:
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
 
+def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
+    # RDB storage comes wrapped in optuna's cache, which is a BaseHeartbeat too.
+    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
+
 class _Heartbeat:
     """Record heartbeats for a running trial in a thread (study.optimize does this; ask/tell does not)."""
 
     def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
-        self.enabled = isinstance(storage, optuna.storages.RDBStorage) and storage.is_heartbeat_enabled()
+        self.enabled = _heartbeats(storage)
         self.storage, self.trial_id = storage, trial_id
         self.stop = threading.Event()
 
     def __enter__(self) -> _Heartbeat:
         if self.enabled:
-            assert isinstance(self.storage, optuna.storages.RDBStorage)
+            assert isinstance(self.storage, BaseHeartbeat)
             interval = self.storage.get_heartbeat_interval() or 30
             self.storage.record_heartbeat(self.trial_id)
 
@@ -335,8 +341,7 @@ def _alive(pid: int) -> bool:
 
 def reap_dead(study: optuna.Study) -> list[int]:
     """Fail and re-enqueue running trials whose worker is gone; returns their numbers."""
-    storage = study._storage
-    if isinstance(storage, optuna.storages.RDBStorage):
+    if _heartbeats(study._storage):
         return _fail_stale(study)
     host = socket.gethostname()
     out = []
@@ -390,6 +395,8 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
             opts.log(f"{prefix} the space is exhausted: no new feasible spec in the last proposals")
             break
         trial = study.ask()
+        if _heartbeats(study._storage):  # from the start, so a worker killed right now is found stale
+            study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("worker", opts.worker)

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             _, records = report(run_dir, None, None, plots=False)
             render(records, search)
             print(f"results: {run_dir}/ (best.yaml, trials.json, trials.csv, plots/)")
-        return 0
+        return EXIT_FAIL if summary.get("worker_errors") else 0
     except SearchStop as e:
         print(f"moeforge search: {e}", file=sys.stderr)
         return EXIT_FAIL
