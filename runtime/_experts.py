@@ -156,6 +156,8 @@ class Experts(nn.Module):
         """The dispatch `forward` uses for inputs computed in `dtype` on `device` (resolves ``auto``)."""
         if self.dispatch != "auto":
             return self.dispatch
+        if torch.compiler.is_compiling() and device.type == "cpu" and dtype != torch.bfloat16:
+            return "padded_bmm"  # inductor lowers _grouped_mm on CPU for bf16 only
         return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
 
     def forward(

@@ -420,6 +420,7 @@ def train(
 
     val_batches = corpus.val_batches(micro, seq_len, cfg.eval_tokens)
     fwd = torch.compile(model) if cfg.compile else model
+    update_biases = getattr(model, "update_biases", lambda: None)  # any nn.Module trains; ours may route with a bias
     n_evals = max(cfg.eval_points, 1)
     next_eval = 1
     while st.step > 0 and next_eval < n_evals and next_eval / n_evals <= fraction() + 1e-12:
@@ -548,6 +549,7 @@ def train(
                 g["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            update_biases()  # DeepSeek-V3's sign rule for selection biases, after each step
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0

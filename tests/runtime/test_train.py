@@ -263,3 +263,18 @@ def test_cuda_bf16_training_step(spec, fpt, corpus, tmp_path):
     )
     assert s["device"].startswith("cuda") and s["steps"] == 3
     assert math.isfinite(s["final_val_loss"]) and s["final_val_loss"] < s["initial_val_loss"]
+
+
+def test_training_moves_the_selection_bias_by_the_sign_rule(corpus):
+    """DeepSeek-V3 aux-loss-free balancing: training applies the sign rule after each step."""
+    spec = load_spec(
+        "debug",
+        ["moe.gate.score=sigmoid", "moe.gate.selection_bias=true", "moe.gate.bias_update_speed=0.01"],
+    )
+    model, _ = _train(spec, account(spec).train_flops_per_token, corpus, _cfg(steps=3))
+    biases = [moe.selection_bias for _, moe in model.moe_layers()]
+    assert all(b.abs().sum() > 0 for b in biases)  # moved from zero
+    # Each step moves every bias entry by +-speed or 0, so after 3 steps |b| <= 0.03 on a 0.01 grid.
+    for b in biases:
+        assert b.abs().max() <= 0.03 + 1e-6
+        torch.testing.assert_close(b / 0.01, (b / 0.01).round(), atol=1e-4, rtol=0)
