@@ -40,8 +40,14 @@ def load_spec(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] =
 
 
 def model_schema() -> dict:
-    """The JSON Schema of model specs (editors use it through the yaml-language-server comment)."""
-    return ModelSpec.model_json_schema()
+    """The JSON Schema of model specs (editors use it through the yaml-language-server comment).
+
+    Adds the file-level ``base:`` key, which the loader resolves before validation.
+    """
+    schema = ModelSpec.model_json_schema()
+    base = {"type": "string", "description": "Inherit another spec (a path relative to this file, or a shipped name)."}
+    schema["properties"] = {"base": base, **schema["properties"]}
+    return schema
 
 
 __all__ = [
