@@ -4,6 +4,7 @@ The server runs on 127.0.0.1 in a temp dir, as an unprivileged user when the tes
 (initdb and pg_ctl refuse root), and is stopped with `pg_ctl stop -m immediate` at the end.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -156,10 +157,8 @@ def test_killed_worker_trial_is_failed_and_retried(pg_url, tmp_path):
     running = []
     while time.time() < deadline and not running:
         time.sleep(0.5)
-        try:
+        with contextlib.suppress(KeyError):  # the study does not exist yet
             running = [t for t in _study(pg_url, "kill").get_trials() if t.state == TrialState.RUNNING]
-        except KeyError:
-            pass
     assert running, "the first worker never started a trial"
     time.sleep(1.0)  # mid-trial
     victim.send_signal(signal.SIGKILL)

@@ -1,0 +1,130 @@
+"""moeforge search: bad specs exit 2 with located errors; report --json; schema --search; --workers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moeforge.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = """\
+name: cli
+base:
+  base: debug
+  moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null,
+        paper: {experts: 4, top_k: 1, m: 1, shared: 0}}
+space:
+  granularity: [1, 2]
+budget: {train_flops: 1.0e+9}
+sampler: {kind: grid}
+n_trials: 2
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        (GOOD.replace("n_trials: 2", "n_trails: 2"), ":10:1: n_trails", "did you mean 'n_trials'"),
+        (
+            GOOD.replace("granularity: [1, 2]", "params: {moe.top_kk: {int: {low: 1, high: 2}}}"),
+            ":7:12: space.params.moe.top_kk",
+            "did you mean 'top_k'",
+        ),
+        (GOOD.replace("base: debug", "base: no-such-model"), ":3:3: base.base", "no such file"),
+        (GOOD.replace("{kind: grid}", "{kind: bayes}"), ":9:", "sampler.kind"),
+        (
+            GOOD.replace("granularity: [1, 2]", "params: {d_model: {uniform: [1, 2]}}"),
+            ":7:",
+            "space.params.d_model",
+        ),
+        (
+            GOOD.replace(
+                "paper: {experts: 4, top_k: 1, m: 1, shared: 0}", "routed_experts: 4, top_k: 1"
+            ).replace(
+                "moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null,\n        ",
+                "moe: {",
+            ),
+            ":6:3: space.granularity",
+            "paper form",
+        ),
+    ],
+)
+def test_bad_search_specs_exit_2_with_located_errors(tmp_path, capsys, text, where, what):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    assert main(["search", str(p), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}{where}" in err and what in err
+    assert "Traceback" not in err
+
+
+def test_search_then_report_json(tmp_path, capsys):
+    p = tmp_path / "cli.yaml"
+    p.write_text(GOOD)
+    run = tmp_path / "run"
+    assert main(["search", str(p), "--out", str(run), "--fake-objective", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counted"] == 2 and summary["best"]["params"]["m"] == 2
+    for name in (
+        "trials.json",
+        "trials.csv",
+        "best.yaml",
+        "plots/history.png",
+        "plots/history.html",
+        "plots/loss_vs_m.png",
+    ):
+        assert (run / name).is_file(), name
+    assert main(["search", "report", str(run), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["trials"] == json.loads((run / "trials.json").read_text())
+    assert main(["report", str(run / "best.yaml"), "--json"]) == 0  # best.yaml reports as is
+    assert json.loads(capsys.readouterr().out)["params"]["total"] == summary["best"]["params_total"]
+    # the same command again resumes: nothing left to do, nothing retrained
+    assert main(["search", str(p), "--out", str(run), "--fake-objective", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trials"] == 2
+
+
+def test_report_errors(tmp_path, capsys):
+    assert main(["search", "report", str(tmp_path)]) == 2
+    assert "not a search run dir" in capsys.readouterr().err
+
+
+def test_schema_matches_shipped_file(capsys):
+    assert main(["schema", "--search"]) == 0
+    shipped = json.loads((ROOT / "specs" / "schema" / "search.schema.json").read_text())
+    assert json.loads(capsys.readouterr().out) == shipped
+
+
+@pytest.mark.slow
+def test_workers_share_the_cap(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    p = tmp_path / "cli.yaml"
+    p.write_text(
+        GOOD.replace("granularity: [1, 2]", "granularity: [1, 2, 4]\n  shared: [0, 1]").replace(
+            "n_trials: 2", "n_trials: 4"
+        )
+    )
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "search",
+                str(p),
+                "--out",
+                str(run),
+                "--workers",
+                "2",
+                "--fake-objective",
+                "0.3",
+                "--json",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
+    records = json.loads((run / "trials.json").read_text())
+    numbers = [r["number"] for r in records]
+    assert len(numbers) == len(set(numbers))
+    trained = [r for r in records if r["counted"] and r["state"] == "COMPLETE"]
+    assert len(trained) == 4 and {r["worker"] for r in trained} == {0, 1}
