@@ -55,7 +55,7 @@ def _attention(spec: ModelSpec) -> Attention | MLAttention:
         qkv_bias=a.qkv_bias,
         out_bias=a.out_bias,
         qk_norm=a.qk_norm,
-        rope_theta=spec.positions.theta if isinstance(spec.positions, RopeSpec) else None,
+        rope_theta=rope_theta,
         norm_eps=spec.norm.eps,
         yarn=_yarn(spec),
     )
