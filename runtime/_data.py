@@ -237,8 +237,7 @@ def load_corpus(
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if source is None or str(source) in ("bundled", BUNDLED_NAME):
-        train, val = _bundled_stdlib(cache_dir)
-        return _byte_corpus(BUNDLED_NAME, train, val, vocab_size)
+        return _byte_corpus(BUNDLED_NAME, *_bundled_stdlib(cache_dir), vocab_size)
 
     text = str(source)
     if glob.has_magic(text):
@@ -405,7 +404,7 @@ def _bundled_stdlib(cache_dir: Path) -> tuple[np.memmap, np.memmap]:
 
 
 def _build_bundled(root: Path, files: list[Path], train_path: Path, val_path: Path) -> None:
-    docs = {"train": [], "val": []}
+    docs: dict[str, list[bytes]] = {"train": [], "val": []}
     for rel in files:
         docs["val" if _is_val_document(rel) else "train"].append(_read_bytes(root / rel))
     for split, out in (("val", val_path), ("train", train_path)):

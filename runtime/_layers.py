@@ -10,6 +10,7 @@ time, so `forward` is straight-line code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,9 +126,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
         # qk-norm: per head (Qwen3) normalizes each head's vector; full (OLMoE) the whole projection.
-        q_dim, k_dim = {"head": (head_dim, head_dim), "full": (n_heads * head_dim, n_kv_heads * head_dim)}.get(
-            qk_norm, (0, 0)
-        )
+        q_dim, k_dim = {
+            "head": (head_dim, head_dim),
+            "full": (n_heads * head_dim, n_kv_heads * head_dim),
+        }.get(qk_norm, (0, 0))
         self.q_norm = nn.RMSNorm(q_dim, eps=norm_eps) if q_dim else None
         self.k_norm = nn.RMSNorm(k_dim, eps=norm_eps) if k_dim else None
         self.per_head_norm = qk_norm == "head"
@@ -136,12 +138,12 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.q_norm is not None and not self.per_head_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]  # k_norm is set iff q_norm is
         q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, dh]
         k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, dh]
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.per_head_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]  # k_norm is set iff q_norm is
         if self.rope_theta is not None:
             cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x.device, self.yarn)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -202,7 +204,7 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
         H = self.n_heads
-        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, S, H*(n+r)]
+        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))  # type: ignore[misc]  # [B, S, H*(n+r)]; wq_a etc. are set iff wq is not
         q = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)  # [B, H, S, n+r]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # [B, S, c], [B, S, r]
@@ -227,7 +229,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False) if activation == "swiglu" else None
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.act = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation]
+        acts: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "swiglu": F.silu,
+            "gelu": F.gelu,
+            "relu": F.relu,
+        }
+        self.act = acts[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.w1(x))
@@ -249,6 +256,8 @@ class MoE(nn.Module):
     group-limited routing (top-k among the best topk_group of n_group expert groups, V2 and V3), and a
     sigmoid gate on the shared expert's output (Qwen2-MoE).
     """
+
+    load_E: torch.Tensor  # a buffer when selection_bias is on (registered in __init__)
 
     def __init__(
         self,
@@ -352,7 +361,7 @@ class MoE(nn.Module):
         """
         if self.selection_bias is None:
             return
-        load_E: torch.Tensor = self.load_E  # type: ignore[assignment]
+        load_E: torch.Tensor = self.load_E
         if self.bias_update_speed:
             self.selection_bias.add_(self.bias_update_speed * torch.sign(load_E.mean() - load_E))
         load_E.zero_()

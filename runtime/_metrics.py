@@ -13,10 +13,12 @@ Two accumulators per layer: `window` (since the last `window_stats()` call, for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 def load_stats(counts_E: torch.Tensor) -> dict[str, Any]:
@@ -49,21 +51,24 @@ class LoadTracker:
     """
 
     def __init__(self, model: nn.Module):
-        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-        self.layers: list[tuple[int, nn.Module]] = list(layers)
+        moe_layers = getattr(model, "moe_layers", None)
+        self.layers: list[tuple[int, nn.Module]] = list(moe_layers()) if callable(moe_layers) else []
         self._hooked: dict[int, torch.Tensor | None] = {}
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
         self.total: dict[int, torch.Tensor] = {}
         self.window: dict[int, torch.Tensor] = {}
         self._dropped: dict[int, list[torch.Tensor]] = {}
         for i, moe in self.layers:
-            if not hasattr(moe.experts, "last_counts_E"):
+            if not hasattr(moe.get_submodule("experts"), "last_counts_E"):
                 self._hooked[i] = None
-                self._handles.append(moe.router.register_forward_hook(self._router_hook(i, moe)))
+                top_k = moe.top_k
+                assert isinstance(top_k, int), f"MoE layer {i}: top_k must be an int for the router hook"
+                router = moe.get_submodule("router")
+                self._handles.append(router.register_forward_hook(self._router_hook(i, top_k)))
 
-    def _router_hook(self, i: int, moe: nn.Module):
-        def hook(_module, _inputs, logits_TE):
-            idx_TK = logits_TE.detach().topk(moe.top_k, dim=-1).indices  # softmax is monotone: same top-k
+    def _router_hook(self, i: int, top_k: int) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+        def hook(_module: nn.Module, _inputs: Any, logits_TE: torch.Tensor) -> None:
+            idx_TK = logits_TE.detach().topk(top_k, dim=-1).indices  # softmax is monotone: same top-k
             self._hooked[i] = torch.bincount(idx_TK.reshape(-1), minlength=logits_TE.shape[-1])
 
         return hook
@@ -75,7 +80,8 @@ class LoadTracker:
     def _last_counts(self, i: int, moe: nn.Module) -> torch.Tensor | None:
         if i in self._hooked:
             return self._hooked[i]
-        return moe.experts.last_counts_E
+        counts_E = getattr(moe.get_submodule("experts"), "last_counts_E", None)
+        return counts_E if isinstance(counts_E, torch.Tensor) else None
 
     def update(self) -> None:
         """Add the counts of the latest forward (call once after each training forward)."""

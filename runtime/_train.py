@@ -185,7 +185,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             no_decay.add(id(m.weight))
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for p in dict.fromkeys(model.parameters()):  # unique, in registration order
         if not p.requires_grad:
             continue
