@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from compiler import ModelSpec, account
 
 from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
-from ._spec import SearchSpec
+from ._spec import SearchSpec, train_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -212,7 +212,7 @@ def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
     import torch
 
     from compiler import build
-    from runtime import Diverged, OutOfMemory, TrainConfig, load_corpus, train
+    from runtime import Diverged, OutOfMemory, load_corpus, train
 
     dev = device or search.train.device
     if search.train.cpu_threads:
@@ -221,7 +221,6 @@ def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     corpora: dict[int, Any] = {}
     s = search.train
-    settings = {k: v for k, v in (("batch_size", s.batch_size), ("lr", s.lr)) if v is not None}
 
     def evaluate(
         spec: ModelSpec, seed: int, budget: float, out_dir: Path, on_eval: Callable[[float, dict], None]
@@ -231,9 +230,7 @@ def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
         model = None
         try:
             model = build(spec, device=dev, seed=seed)
-            cfg = TrainConfig(
-                budget_flops=budget, seed=seed, device=dev, eval_points=s.eval_points, **settings, **s.options
-            )
+            cfg = train_config(search, budget_flops=budget, seed=seed, device=dev)
             return train(
                 model,
                 seq_len=spec.seq_len,

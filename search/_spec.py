@@ -7,10 +7,18 @@ spec and a space of changes to it; every trial's model spec comes from `trial_to
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
+
+if TYPE_CHECKING:
+    from compiler import Problem
+    from compiler._loader import Locs
+    from runtime import TrainConfig
 
 
 class _Section(BaseModel):
@@ -214,7 +222,7 @@ class TrainSettings(_Section):
     data: str | None = None
     """Corpus: null for the bundled one, or a path (see `runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}
-    """Other TrainConfig fields by name (e.g. warmup_fraction)."""
+    """Other TrainConfig fields by name (e.g. warmup, eval_tokens), checked against TrainConfig on load."""
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -266,8 +274,26 @@ class SearchSpec(_Section):
         return self
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Literal["minimize", "maximize"]]:
         return ["minimize", "minimize"] if self.objective.params_total else ["minimize"]
+
+
+def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: str) -> TrainConfig:
+    """The trainer's config for one run of a trial: the search's own settings, then `train.options`.
+
+    `load_search` has checked the options against TrainConfig's fields, so this raises only for a spec
+    that did not come through it.
+    """
+    from runtime import TrainConfig
+
+    s = search.train
+    settings: dict[str, Any] = {
+        k: v for k, v in (("batch_size", s.batch_size), ("lr", s.lr)) if v is not None
+    }
+    options: dict[str, Any] = dict(s.options)  # values checked against TrainConfig's field types on load
+    return TrainConfig(
+        budget_flops=budget_flops, seed=seed, device=device, eval_points=s.eval_points, **settings, **options
+    )
 
 
 def search_schema() -> dict:
@@ -305,6 +331,51 @@ def _key_problem(path: tuple[str, ...]) -> str | None:
             return f"{'.'.join(path[: i + 1])} is a value, it has no sub-keys"
         options = nxt
     return None
+
+
+def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
+    """Located problems of `train.options`: keys the search sets itself, keys that are not TrainConfig
+    fields (with a did-you-mean), values of the wrong type, and TrainConfig's own checks."""
+    from compiler import Problem, SpecError, validate
+    from compiler._loader import _locate
+    from runtime import TrainConfig
+
+    s = search.train
+    where = ("train", "options")
+    owned = {k: "budget.train_flops" for k in ("budget_flops", "tokens", "steps")}
+    owned.update(seed="seeds", device="train.device", eval_points="train.eval_points")
+    owned.update({k: f"train.{k}" for k in ("batch_size", "lr") if getattr(s, k) is not None})
+    problems = [
+        Problem(_locate(locs, (*where, k)), f"train.options.{k}", f"set by the search; use {owned[k]}")
+        for k in s.options
+        if k in owned
+    ]
+    # TrainConfig is a plain dataclass: a strict pydantic twin of its other fields gives the same located
+    # messages as the spec's (unknown key with did-you-mean, wrong type, YAML number hints).
+    hints = typing.get_type_hints(TrainConfig)
+    twin_fields: dict[str, Any] = {
+        f.name: (hints[f.name], None) for f in dataclasses.fields(TrainConfig) if f.name not in owned
+    }
+    twin = create_model("TrainOptions", __config__=ConfigDict(extra="forbid", strict=True), **twin_fields)
+    sub_locs = {k[len(where) :]: v for k, v in locs.items() if k[: len(where)] == where}
+    sub_locs[()] = _locate(locs, where)
+    try:
+        validate(twin, {k: v for k, v in s.options.items() if k not in owned}, sub_locs)
+    except SpecError as e:
+        problems += [
+            Problem(p.loc, f"train.options.{p.key}" if p.key else "train.options", p.message)
+            for p in e.problems
+        ]
+    if problems:
+        return problems
+    try:  # TrainConfig's own checks (ranges, micro_batch_size <= batch_size, ...)
+        train_config(search, budget_flops=search.budget.train_flops, seed=search.seeds[0], device=s.device)
+    except (TypeError, ValueError) as e:
+        m = re.match(r"(\w+): (.*)", str(e))
+        key, msg = (m.group(1), m.group(2)) if m and m.group(1) in s.options else (None, str(e))
+        path = (*where, key) if key else where
+        return [Problem(_locate(locs, path), ".".join(map(str, path)), msg)]
+    return []
 
 
 def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpec:
@@ -366,7 +437,7 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
                 [Problem(p.loc, f"base.{p.key}" if p.key else "base", p.message) for p in e.problems]
             ) from None
 
-    problems = []
+    problems = _train_option_problems(spec, locs)
     for key in spec.space.params:
         why = _key_problem(tuple(key.split(".")))
         if why:

@@ -1,0 +1,66 @@
+"""Search spec loading: train.options are checked against runtime.TrainConfig when the spec loads."""
+
+from pathlib import Path
+
+import pytest
+
+from compiler import SpecError
+from moeforge.cli import main
+from search._spec import train_config
+
+
+def _option_at(path: Path, key: str) -> str:
+    """'file:line:col' of `key:` on the file's `options:` line (1-based, as SpecError reports)."""
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if "options:" in line:
+            return f"{path}:{i}:{line.index(key + ':', line.index('options:') + 8) + 1}"
+    raise AssertionError(f"no options line in {path}")
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "what"),
+    [
+        ("{eval_tokns: 1024}", "eval_tokns", "did you mean 'eval_tokens'"),
+        ("{warmup: 1e-3}", "warmup", "must be a number (got '1e-3'); YAML reads 1e-3 as text"),
+        ("{compile: 1}", "compile", "must be true or false"),
+        ("{schedule: cosin}", "schedule", "did you mean 'cosine'"),
+        ("{eval_tokens: 1024, seed: 3}", "seed", "set by the search; use seeds"),
+        ("{tokens: 100}", "tokens", "use budget.train_flops"),
+        ("{batch_size: 8}", "batch_size", "use train.batch_size"),
+        ("{micro_batch_size: 8}", "micro_batch_size", "8 is larger than batch_size 4"),
+        ("{warmup: 1.5}", "warmup", "must be a fraction"),
+    ],
+)
+def test_bad_train_options_are_located_spec_errors(make_search, tmp_path, options, key, what):
+    with pytest.raises(SpecError) as e:
+        make_search(extra=f"train:\n  batch_size: 4\n  options: {options}")
+    [problem] = e.value.problems
+    assert str(problem).startswith(f"{_option_at(tmp_path / 't.yaml', key)}: train.options.{key}: ")
+    assert what in problem.message
+
+
+def test_good_train_options_reach_the_trainer_config(make_search):
+    search = make_search(extra="train:\n  lr: 0.01\n  options: {eval_tokens: 1024, warmup: 0, time_s: 60}")
+    cfg = train_config(search, budget_flops=2e9, seed=7, device="cpu")
+    assert (cfg.eval_tokens, cfg.warmup, cfg.time_s, cfg.lr) == (1024, 0, 60, 0.01)
+    assert (cfg.budget_flops, cfg.seed, cfg.device, cfg.eval_points) == (
+        2e9,
+        7,
+        "cpu",
+        search.train.eval_points,
+    )
+
+
+def test_unknown_train_option_exits_2_from_the_cli(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "base: debug\nspace: {params: {d_ff: {categorical: [64, 128]}}}\nbudget: {train_flops: 1.0e+9}\n"
+        "n_trials: 1\ntrain:\n  options: {eval_token: 8192}\n"
+    )
+    assert main(["search", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{_option_at(path, 'eval_token')}: train.options.eval_token: unknown key; did you mean 'eval_tokens'?"
+        in err
+    )
+    assert "Traceback" not in err
