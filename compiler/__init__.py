@@ -45,7 +45,10 @@ def model_schema() -> dict:
     Adds the file-level ``base:`` key, which the loader resolves before validation.
     """
     schema = ModelSpec.model_json_schema()
-    base = {"type": "string", "description": "Inherit another spec (a path relative to this file, or a shipped name)."}
+    base = {
+        "type": "string",
+        "description": "Inherit another spec (a path relative to this file, or a shipped name).",
+    }
     schema["properties"] = {"base": base, **schema["properties"]}
     return schema
 

@@ -421,7 +421,8 @@ def train(
 
     val_batches = corpus.val_batches(micro, seq_len, cfg.eval_tokens)
     fwd = torch.compile(model) if cfg.compile else model
-    update_biases = getattr(model, "update_biases", lambda: None)  # any nn.Module trains; ours may route with a bias
+    # any nn.Module trains; ours may route with a bias
+    update_biases = getattr(model, "update_biases", lambda: None)
     n_evals = max(cfg.eval_points, 1)
     next_eval = 1
     while st.step > 0 and next_eval < n_evals and next_eval / n_evals <= fraction() + 1e-12:
