@@ -1,6 +1,6 @@
 """Forward+backward time of the routed experts alone, per dispatch, at DeepSeekMoE-2B-like CPU shapes.
 
-    python -m benchmarks.moe_dispatch [--json] [--tokens 4096] [--repeats 7] [--warmup 2]
+    python -m benchmarks.moe_dispatch [--json] [--tokens 4096] [--repeats 7] [--warmup 2] [--threads N]
 
 Shapes follow DeepSeekMoE 2B scaled to a CPU: D = 256, 63 routed experts of width 128, top-7, swiglu.
 Routing is random (near balanced), the gate weights softmax-normalised, the upstream gradient random.
@@ -37,7 +37,7 @@ def run(
     tokens: int = 4096,
     repeats: int = 7,
     warmup: int = 2,
-    dispatches: tuple[str, ...] = ("grouped_mm", "padded_bmm", "loop"),
+    dispatches: tuple[str, ...] = ("fused_loop", "grouped_mm", "padded_bmm", "loop"),
     seed: int = 0,
 ) -> dict:
     """Median forward+backward milliseconds per dispatch, and ratios to the loop."""
@@ -74,6 +74,8 @@ def run(
             res["grouped_over_loop"] = ms["grouped_mm"] / ms["loop"]
         if "padded_bmm" in ms:
             res["padded_over_loop"] = ms["padded_bmm"] / ms["loop"]
+        if "fused_loop" in ms:
+            res["fused_over_loop"] = ms["fused_loop"] / ms["loop"]
     if "grouped_mm" in ms and "padded_bmm" in ms:
         res["grouped_over_padded"] = ms["grouped_mm"] / ms["padded_bmm"]
     return res
@@ -85,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     res = run(tokens=a.tokens, repeats=a.repeats, warmup=a.warmup)
     s = res["shape"]
     print(

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--dispatch",
         action="append",
         default=[],
-        choices=("grouped_mm", "padded_bmm", "loop"),
+        choices=("fused_loop", "grouped_mm", "padded_bmm", "loop"),
         help="also time the layer forced to this dispatch (repeatable)",
     )
     a = p.parse_args(argv)

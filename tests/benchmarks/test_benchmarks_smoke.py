@@ -39,7 +39,7 @@ def test_moe_dispatch_smoke(capsys):
     moe_dispatch.main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--json"])
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{") :])
-    assert set(res["median_ms"]) == {"grouped_mm", "padded_bmm", "loop"}
+    assert set(res["median_ms"]) == {"fused_loop", "grouped_mm", "padded_bmm", "loop"}
     assert all(_positive_float(v) for v in res["median_ms"].values())
-    for k in ("grouped_over_loop", "padded_over_loop"):
+    for k in ("grouped_over_loop", "padded_over_loop", "fused_over_loop"):
         assert _positive_float(res[k])

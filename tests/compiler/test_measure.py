@@ -117,6 +117,8 @@ def _expected_routed_flops(mode: str, experts, T: int, K: int, n_matrices: int, 
     if mode == "grouped_mm":  # kept rows only; D and F zero-padded to 16-byte strides
         Dp, Fp = (-(-x // 4) * 4 for x in (D, F))
         return 2 * int(kept.sum()) * n_matrices * Dp * Fp
+    if mode == "fused_loop":  # kept rows only, no padding (gate and up run as one 2F-wide matmul)
+        return 2 * int(kept.sum()) * n_matrices * D * F
     if mode == "padded_bmm":  # every expert's buffer padded to the busiest expert's count
         return 2 * E * int(kept.max()) * n_matrices * D * F
     raise AssertionError(f"no expectation for dispatch {mode!r}")
@@ -153,7 +155,7 @@ def test_each_dispatch_counts_what_it_runs(mode: str, capacity_factor: float | N
     tokens = B * S
     outside = acc.forward_flops_per_token - acc.forward_flops["routed_experts"]
     assert fwd.get_total_flops() == outside * tokens + expected_routed
-    if mode == "loop" or (mode == "grouped_mm" and capacity_factor is None):  # D, F aligned here
+    if mode == "loop" or (mode in ("grouped_mm", "fused_loop") and capacity_factor is None):  # D, F aligned
         assert fwd.get_total_flops() == acc.forward_flops_per_token * tokens
 
     # Backward is twice the forward for every op here, whatever the dispatch; fvcore sees the same forward.

@@ -18,7 +18,12 @@ from runtime._experts import Experts, grouped_mm_supported
 
 CPU = torch.device("cpu")
 FAST = [
-    d for d in ("grouped_mm", "padded_bmm") if d != "grouped_mm" or grouped_mm_supported(CPU, torch.float32)
+    "fused_loop",
+    *(
+        d
+        for d in ("grouped_mm", "padded_bmm")
+        if d != "grouped_mm" or grouped_mm_supported(CPU, torch.float32)
+    ),
 ]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -179,11 +184,45 @@ def test_sum_backward_works():
     assert m.w1.grad is not None and m.w1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_fused_loop_without_grad_and_weight_grads_only(act):
+    """Inference keeps no pre-activations; weights-only backward matches the loop's."""
+    gen = torch.Generator().manual_seed(9)
+    m = _module(16, 12, 5, act)
+    x = torch.randn(30, 16, generator=gen)
+    idx, w = _routing(gen, 30, 5, 2)
+    m.dispatch = "fused_loop"
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, idx, w), m.forward_loop(x, idx, w), **TOL)
+    up = torch.randn(30, 16, generator=gen)
+    params = [p for p in (m.w1, m.w3, m.w2) if p is not None]
+    got = torch.autograd.grad(m(x, idx, w), params, up)
+    ref = torch.autograd.grad(m.forward_loop(x, idx, w), params, up)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_cpu_autocast_bf16_fused_loop_close_to_fp32():
+    gen = torch.Generator().manual_seed(10)
+    m = _module(16, 16, 4, "swiglu")
+    m.reset_parameters(std=0.1)
+    x = torch.randn(20, 16, generator=gen)
+    idx, w = _routing(gen, 20, 4, 2)
+    m.dispatch = "fused_loop"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x.requires_grad_(), idx, w)
+    assert out.dtype == torch.float32
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out, m.forward_loop(x, idx, w), rtol=5e-2, atol=5e-2)
+    assert x.grad is not None and m.w1.grad is not None and m.w1.grad.dtype == torch.float32
+
+
 def test_auto_and_bad_dispatch():
     m = Experts(8, 8, 4)
-    assert m.resolved_dispatch(CPU, torch.float32) in ("grouped_mm", "padded_bmm")
-    if not hasattr(torch, "_grouped_mm"):
-        assert m.resolved_dispatch(CPU, torch.float32) == "padded_bmm"
+    assert m.resolved_dispatch(CPU, torch.float32) == "fused_loop"  # eager CPU
+    assert (
+        m.resolved_dispatch(torch.device("meta"), torch.float32) == "padded_bmm"
+    )  # no _grouped_mm probe there
     with pytest.raises(ValueError, match="dispatch"):
         Experts(8, 8, 4, dispatch="scatter")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="capacity_factor"):
