@@ -156,6 +156,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def render(records: list[dict], search: Any) -> None:
+    from rich import box
     from rich.table import Table
 
     from moeforge._format import count
@@ -167,11 +168,13 @@ def render(records: list[dict], search: Any) -> None:
     t = Table(
         title=f"search {search.name}: {search.budget.train_flops:.3g} training FLOPs per trial",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
     )
     for col in ("#", "state", metric, *(["± seeds"] if len(search.seeds) > 1 else []), *names):
-        t.add_column(col, justify="right")
-    for col in ("experts", "params", "activated", "tokens", "note"):
-        t.add_column(col, justify="right" if col != "note" else "left")
+        t.add_column(col, justify="right", no_wrap=True)
+    for col in ("experts", "params", "activated", "tokens"):
+        t.add_column(col, justify="right", no_wrap=True)
+    notes = []  # free text goes under the table, so the numbers keep their width on any terminal
     for r in leaderboard(records):
         if r["state"] == "WAITING":
             continue
@@ -183,8 +186,11 @@ def render(records: list[dict], search: Any) -> None:
         note = r["infeasible"] or r["fail_reason"] or r["died"] or ""
         if r["reused_from"] is not None:
             note = f"same spec as #{r['reused_from']}"
+        if note:
+            notes.append(f"#{r['number']}: {note}")
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
-        row = [str(r["number"]), "INFEASIBLE" if r["infeasible"] else r["state"], value]
+        state = "infeasible" if r["infeasible"] else _STATES.get(r["state"], r["state"].lower())
+        row = [str(r["number"]) + ("*" if note else ""), state, value]
         if len(search.seeds) > 1:
             row.append(f"{r['value_std']:.4f}" if r["value_std"] is not None else "-")
         row += [str(r["params"].get(n, "")) for n in names]
@@ -193,7 +199,11 @@ def render(records: list[dict], search: Any) -> None:
             count(r["params_total"]) if r["params_total"] else "-",
             count(r["params_activated"]) if r["params_activated"] else "-",
             count(r["tokens"]) if r["tokens"] else "-",
-            str(note)[:60],
         ]
         t.add_row(*row)
     con.print(t)
+    for line in notes:
+        con.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+_STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
