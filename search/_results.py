@@ -173,11 +173,20 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
             lambda: pv.plot_pareto_front(study, target_names=[metric, "params_total"]),
         )
     done = [r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None]
-    for key, label in (("m", "segmentation m"), ("shared_experts", "shared experts K_s")):
+    axes = {
+        "m": ("segmentation m", "shared_experts", "K_s"),
+        "shared_experts": ("shared experts K_s", "m", "m"),
+    }
+    for key, (label, other, other_label) in axes.items():
         xs = [r[key] for r in done if r[key] is not None]
         if len(set(xs)) >= 2:
             name = f"loss_vs_{'m' if key == 'm' else 'K_s'}"
-            pts = [(r[key], r["value"], r["number"]) for r in done if r[key] is not None]
+            # One line per value of the other axis; error bars are the spread over seeds.
+            pts = [
+                (r[key], r["value"], r["value_std"] or 0.0, f"{other_label}={r[other]}", r["number"])
+                for r in done
+                if r[key] is not None
+            ]
             save(
                 name,
                 lambda pts=pts, label=label: _scatter_mpl(pts, label, metric),
@@ -186,29 +195,52 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
     return made
 
 
+def _groups(pts: list[tuple]) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for p in sorted(pts):
+        out.setdefault(p[3], []).append(p)
+    return out
+
+
 def _scatter_mpl(pts: list[tuple], xlabel: str, ylabel: str) -> Any:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-    for x, y, n in pts:
-        ax.annotate(str(n), (x, y), fontsize=7, alpha=0.6)
-    xs = sorted({p[0] for p in pts})
-    ax.set_xticks(xs)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for group, gp in _groups(pts).items():
+        ax.errorbar(
+            [p[0] for p in gp],
+            [p[1] for p in gp],
+            yerr=[p[2] for p in gp],
+            marker="o",
+            capsize=3,
+            label=group,
+        )
+        for x, y, _, _, n in gp:
+            ax.annotate(f"#{n}", (x, y), fontsize=7, alpha=0.6, xytext=(4, 2), textcoords="offset points")
+    ax.set_xticks(sorted({p[0] for p in pts}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} against {xlabel} (labels: trial numbers)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel} against {xlabel} (bars: std over seeds)", fontsize=10)
+    fig.tight_layout()
     return ax
 
 
 def _scatter_html(pts: list[tuple], xlabel: str, ylabel: str) -> Any:
     import plotly.graph_objects as go
 
-    fig = go.Figure(
-        go.Scatter(
-            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", text=[f"trial {p[2]}" for p in pts]
+    fig = go.Figure()
+    for group, gp in _groups(pts).items():
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in gp],
+                y=[p[1] for p in gp],
+                error_y={"type": "data", "array": [p[2] for p in gp]},
+                mode="lines+markers",
+                name=group,
+                text=[f"trial {p[4]}" for p in gp],
+            )
         )
-    )
     fig.update_layout(title=f"{ylabel} against {xlabel}", xaxis_title=xlabel, yaxis_title=ylabel)
     return fig
 
