@@ -303,9 +303,8 @@ class MoE(nn.Module):
         self.normalize_topk, self.routed_scaling = normalize_topk, routed_scaling
         self.expert_alpha, self.per_sequence = expert_alpha, per_sequence
         self.device_alpha, self.device_groups = device_alpha, device_groups
-        self.capacity_factor = capacity_factor
         self.router = nn.Linear(dim, n_routed, bias=False)
-        self.experts = Experts(dim, hidden, n_routed, activation)
+        self.experts = Experts(dim, hidden, n_routed, activation, capacity_factor=capacity_factor)
         # K_s shared experts of width h are one FFN of width K_s*h: sum_i W2_i f(W1_i x) = [W2_i] f([W1_i] x).
         self.shared = FeedForward(dim, n_shared * (shared_hidden or hidden), activation) if n_shared else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
@@ -323,10 +322,7 @@ class MoE(nn.Module):
         if self.normalize_topk:
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
         topk_w_TK = topk_w_TK * self.routed_scaling
-        if self.capacity_factor is None:
-            out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK)
-        else:
-            out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK, capacity_factor=self.capacity_factor)
+        out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK)  # capacity drops, if any, happen in there
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:

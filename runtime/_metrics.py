@@ -57,7 +57,8 @@ class LoadTracker:
         self._handles: list[RemovableHandle] = []
         self.total: dict[int, torch.Tensor] = {}
         self.window: dict[int, torch.Tensor] = {}
-        self._dropped: dict[int, list[torch.Tensor]] = {}
+        self._dropped: dict[int, list[torch.Tensor]] = {}  # since the last window
+        self._dropped_run: dict[int, list[torch.Tensor]] = {}  # this process's whole run (not checkpointed)
         for i, moe in self.layers:
             if not hasattr(moe.get_submodule("experts"), "last_counts_E"):
                 self._hooked[i] = None
@@ -98,7 +99,9 @@ class LoadTracker:
             self.window[i] += c
             dropped = getattr(moe.experts, "last_dropped_fraction", None)
             if getattr(moe.experts, "capacity_factor", None) is not None and dropped is not None:
-                self._dropped.setdefault(i, []).append(dropped.detach().float().reshape(()))
+                d = dropped.detach().float().reshape(())
+                self._dropped.setdefault(i, []).append(d)
+                self._dropped_run.setdefault(i, []).append(d)
 
     def window_stats(self) -> dict[str, dict[str, Any]]:
         """Per-layer stats of the counts since the previous call (which it resets), keyed by layer index."""
@@ -113,6 +116,9 @@ class LoadTracker:
     def summary(self) -> dict[str, Any]:
         """Per-layer stats over the whole run (tokens per expert included) and the worst layer's figures."""
         layers = {str(i): load_stats(c) for i, c in sorted(self.total.items())}
+        for i, d in self._dropped_run.items():
+            if d and str(i) in layers:
+                layers[str(i)]["dropped_fraction"] = float(torch.stack(d).mean())
         if not layers:
             return {"layers": {}}
         cvs = [s["cv"] for s in layers.values() if s["cv"] is not None]

@@ -76,3 +76,23 @@ def test_router_hook_fallback_agrees_with_the_experts_counts(model):
         for i, moe in model.moe_layers():
             moe.experts.last_counts_E = saved[i]
     assert hooked.summary() == direct.summary()
+
+
+def test_capacity_mode_reports_the_dropped_fraction_in_training(tmp_path):
+    """A spec with a capacity factor drops tokens; the load summary says how many."""
+    from compiler import account, build, load_spec
+    from runtime import TrainConfig, load_corpus, train
+
+    spec = load_spec("debug", ["moe.capacity_factor=0.5"])
+    corpus = load_corpus(cache_dir=tmp_path, vocab_size=256)
+    summary = train(
+        build(spec, seed=0),
+        seq_len=spec.seq_len,
+        train_flops_per_token=account(spec).train_flops_per_token,
+        corpus=corpus,
+        cfg=TrainConfig(steps=2, batch_size=2, device="cpu", eval_tokens=512, eval_points=1),
+        progress=False,
+    )
+    layers = summary["load"]["layers"] if "layers" in summary["load"] else summary["load"]
+    fractions = [v["dropped_fraction"] for v in layers.values()]
+    assert fractions and all(0.4 <= f < 1.0 for f in fractions)  # capacity 0.5 keeps at most half
