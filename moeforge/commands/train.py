@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
+        "--moe-dispatch",
+        choices=("auto", "fused_loop", "grouped_mm", "padded_bmm", "loop"),
+        default="auto",
+        help="how routed experts run (default auto: fused_loop on CPU, torch._grouped_mm on CUDA)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -133,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         return _fail(str(e), EXIT_FAIL)
     model = build(spec, seed=cfg.seed)
+    for _, moe in model.moe_layers():
+        moe.experts.dispatch = args.moe_dispatch
     set_cpu_threads(args.threads, model)
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
