@@ -414,8 +414,3 @@ class _FusedExperts(torch.autograd.Function):
                     torch.mm(gpre.t(), xe, out=gw1_EFD[e])
                 gx_TD.index_add_(0, te, torch.mm(gpre, we, out=gx_CD[:n]))
         return gx_TD, gg_N1, gw1_EFD, gw3_EFD, gw2_EDF, None, None, None
-
-
-def init_std_scaled(std: float, n_layers: int) -> float:
-    """Std for residual output projections (GPT-2 style 1/sqrt(2L) scaling)."""
-    return std / math.sqrt(2 * n_layers)
