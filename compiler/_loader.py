@@ -620,7 +620,7 @@ def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = 
         result = cls.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as e:
         problems = list(soft or [])
-        for err in e.errors(include_url=False):
+        for err in _one_per_line(e.errors(include_url=False)):
             path, msg = _explain(cls, data, err)
             problems.append(Problem(_locate(locs, path), _dotted(path), msg))
         problems = list(dict.fromkeys(problems))
@@ -629,6 +629,18 @@ def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = 
     if soft:
         raise SpecError(list(soft))
     return result
+
+
+def _one_per_line(errors: list[Any]) -> list[Any]:
+    """Our validators report several problems as one ValueError, a line each: split them."""
+    out = []
+    for err in errors:
+        lines = err["msg"].removeprefix("Value error, ").split("\n")
+        if err["type"] == "value_error" and len(lines) > 1:
+            out += [{**err, "msg": line} for line in lines]
+        else:
+            out.append(err)
+    return out
 
 
 def _short(value: Any) -> str:

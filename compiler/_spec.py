@@ -373,54 +373,60 @@ class ModelSpec(_Section):
     # -------------------------------------------------------------------------------- checks
     @model_validator(mode="after")
     def _cross_field(self) -> ModelSpec:
+        """Checks across sections; all problems at once, one line each (the loader locates each key)."""
+        problems: list[str] = []
         att = self.attention
         if att.head_dim is None and self.d_model % att.n_heads:
-            raise ValueError(
+            problems.append(
                 f"attention.n_heads: {att.n_heads} does not divide d_model {self.d_model}; "
                 "choose a divisor or give attention.head_dim"
             )
-        if isinstance(att, MLASpec):
+        elif isinstance(att, MLASpec):
             if isinstance(self.positions, RopeSpec) and att.qk_rope_head_dim % 2:
-                raise ValueError(
+                problems.append(
                     f"attention.qk_rope_head_dim: rope needs an even width, got {att.qk_rope_head_dim}"
                 )
         elif isinstance(self.positions, RopeSpec) and self.head_dim % 2:
-            raise ValueError(
+            problems.append(
                 f"attention.head_dim: rope needs an even head dim, got {self.head_dim}; "
                 "give an even attention.head_dim or change n_heads"
             )
         if self.moe is not None:
-            self._check_moe(self.moe)
+            problems += self._moe_problems(self.moe)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
-    def _check_moe(self, moe: MoESpec) -> None:
+    def _moe_problems(self, moe: MoESpec) -> list[str]:
+        problems: list[str] = []
         if moe.layers is not None and any(i >= self.n_layers for i in moe.layers):
-            raise ValueError(
+            problems.append(
                 f"moe.layers: {list(moe.layers)} has indices past the last layer; "
                 f"use indices from 0 to {self.n_layers - 1} (n_layers is {self.n_layers})"
             )
         if not self.moe_layers:
-            raise ValueError(
+            problems.append(
                 f"moe.first_dense: {moe.first_dense} leaves no MoE layer among {self.n_layers}; "
                 "lower it or remove the moe section"
             )
+        before_paper = len(problems)
         if moe.paper is not None:
             p = moe.paper
             standard = p.standard_hidden or self.ffn.hidden
             if standard % p.m:
-                raise ValueError(
+                problems.append(
                     f"moe.paper.m: {p.m} does not divide the standard expert width {standard}; "
                     f"pick m among the divisors of {standard}"
                 )
             if p.top_k > p.experts:
-                raise ValueError(
-                    f"moe.paper.top_k: {p.top_k} > experts {p.experts}; top_k must be <= experts"
-                )
+                problems.append(f"moe.paper.top_k: {p.top_k} > experts {p.experts}; top_k must be <= experts")
             if p.shared >= p.m * p.top_k:
-                raise ValueError(
+                problems.append(
                     f"moe.paper.shared: K_s={p.shared} leaves no routed expert per token "
                     f"(m*K = {p.m * p.top_k}); use fewer shared experts"
                 )
+        if len(problems) > before_paper:
+            return problems  # an impossible paper form: the derived numbers below would be meaningless
         d = self.moe_derived
         assert d is not None
         if moe.paper is not None:
@@ -432,43 +438,40 @@ class ModelSpec(_Section):
                 ("expert_hidden", moe.expert_hidden, d.expert_hidden),
             ):
                 if given is not None and given != derived:
-                    raise ValueError(
+                    problems.append(
                         f"moe.{key}: {given} contradicts the paper form, which gives {derived} "
                         f"(m={moe.paper.m}, N={moe.paper.experts}, K={moe.paper.top_k}, "
                         f"K_s={moe.paper.shared}); remove one of them"
                     )
         if d.top_k > d.routed_experts:
-            raise ValueError(
+            problems.append(
                 f"moe.top_k: {d.top_k} > routed experts {d.routed_experts}; top_k must be <= routed_experts"
             )
         g = moe.gate
         if d.routed_experts % g.n_group:
-            raise ValueError(
+            problems.append(
                 f"moe.gate.n_group: {g.n_group} does not divide the {d.routed_experts} routed experts; "
                 f"pick a divisor of {d.routed_experts}"
             )
         if g.topk_group > g.n_group:
-            raise ValueError(
-                f"moe.gate.topk_group: {g.topk_group} > n_group {g.n_group}; use at most n_group"
-            )
-        if d.top_k > g.topk_group * (d.routed_experts // g.n_group):
-            raise ValueError(
+            problems.append(f"moe.gate.topk_group: {g.topk_group} > n_group {g.n_group}; use at most n_group")
+        if d.top_k <= d.routed_experts and d.top_k > g.topk_group * (d.routed_experts // g.n_group):
+            problems.append(
                 f"moe.gate.topk_group: {g.topk_group} groups of {d.routed_experts // g.n_group} experts "
                 f"hold fewer than top_k={d.top_k}; allow more groups"
             )
         if g.selection_bias and g.n_group > 1 and d.routed_experts // g.n_group < 2:
-            raise ValueError(
+            problems.append(
                 "moe.gate.n_group: a biased group score sums each group's two best; use >= 2 per group"
             )
         if g.bias_update_speed and not g.selection_bias:
-            raise ValueError(
-                "moe.gate.bias_update_speed: set selection_bias: true for the bias to be updated"
-            )
+            problems.append("moe.gate.bias_update_speed: set selection_bias: true for the bias to be updated")
         if moe.shared_gate and not d.shared_experts:
-            raise ValueError("moe.shared_gate: there is no shared expert to gate; set shared_experts")
+            problems.append("moe.shared_gate: there is no shared expert to gate; set shared_experts")
         groups = moe.balance.device_groups
         if d.routed_experts % groups:
-            raise ValueError(
+            problems.append(
                 f"moe.balance.device_groups: {groups} does not divide the {d.routed_experts} routed experts; "
                 f"pick a divisor of {d.routed_experts}"
             )
+        return problems
