@@ -13,16 +13,7 @@ import pytest
 from compiler import account, load_spec
 from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL, main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is fastest and keeps runs comparable."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:

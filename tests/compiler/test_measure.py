@@ -13,14 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from compiler import ModelSpec, account, build, load_spec, measure
 from compiler._measure import _flop_counter_mapping
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is fastest and keeps runs comparable."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TINY = {"max_heads": 4, "head_dims": (2, 4, 8, 16), "max_layers": 2, "max_hidden": 48, "max_seq": 32}

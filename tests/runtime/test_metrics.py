@@ -22,12 +22,7 @@ def test_load_stats_of_known_counts():
     assert load_stats(torch.zeros(3, dtype=torch.int64))["cv"] is None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from compiler import account, build, load_spec
 from runtime import Diverged, TrainConfig, load_checkpoint, load_corpus, lr_at, planned_tokens, train
 from runtime._train import make_optimizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
