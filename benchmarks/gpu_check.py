@@ -18,9 +18,8 @@ import statistics
 import time
 
 import torch
-
-from compiler import account, build, load_spec
-from runtime import Experts, FeedForward, MoE, TrainConfig, load_corpus, train
+from moeforge.compiler import account, build, load_spec
+from moeforge.runtime import Experts, FeedForward, MoE, TrainConfig, load_corpus, train
 
 # ~100M activated parameters: 12 x (attention 2.4M + (2 shared + top-6) x 3 x 768 x 384 = 7.1M) + embeddings.
 SPEC_100M = [

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from moeforge.runtime import FeedForward, MoE
 from torch import nn
-
-from runtime import FeedForward, MoE
 
 
 def _hf_moe(moe: MoE, dim: int, hidden: int, n_routed: int, n_shared: int, top_k: int) -> nn.Module | None:

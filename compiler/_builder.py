@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from runtime import (
+from moeforge.runtime import (
     Attention,
     Block,
     FeedForward,
@@ -16,6 +14,7 @@ from runtime import (
     init_weights,
     make_norm,
 )
+from torch import nn
 
 from ._spec import MLASpec, ModelSpec, RopeSpec
 
@@ -106,7 +105,7 @@ def build(
         seed: seeds the weight initialization when given.
 
     Returns:
-        A `runtime.Transformer`; ``model(input_ids)`` gives ``.logits`` [B, S, V] and ``.aux_loss``.
+        A `moeforge.runtime.Transformer`; ``model(input_ids)`` gives ``.logits`` [B, S, V] and ``.aux_loss``.
     """
     device = torch.device(device or "cpu")
     if seed is not None:

@@ -636,7 +636,7 @@ _IGNORED_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Our state_dict (keys and shapes of `compiler.build(spec)`) from HF checkpoint tensors.
+    """Our state_dict (keys and shapes of `moeforge.compiler.build(spec)`) from HF checkpoint tensors.
 
     `tensors` maps HF names to tensors (a dict, or a lazy mapping over safetensors files).
 

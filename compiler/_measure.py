@@ -142,7 +142,7 @@ def _check_fits(spec: ModelSpec, tokens: int) -> None:
 
 def _set_dispatch(model: nn.Module, dispatch: str | None) -> str | None:
     """Set every routed-experts module's `dispatch`; return the one in use (None for a dense model)."""
-    from runtime import Experts
+    from moeforge.runtime import Experts
 
     used = None
     for m in model.modules():
@@ -166,7 +166,7 @@ def measure(
         spec: a validated model spec.
         batch_size: sequences per measured batch.
         seq_len: tokens per sequence; default ``spec.seq_len`` (the attention FLOPs depend on it).
-        dispatch: how routed experts run (``runtime.Experts.dispatch``); the default ``"loop"`` executes
+        dispatch: how routed experts run (``moeforge.runtime.Experts.dispatch``); the default ``"loop"`` executes
             exactly the matmuls the accounting counts; None keeps the built model's own.
         seed: seeds the weights and the token ids.
 

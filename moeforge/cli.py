@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from compiler import SpecError
+    from moeforge.compiler import SpecError
 
     try:
         return int(args.run(args) or 0)

@@ -3,7 +3,7 @@
 Legend for MoE tensors: B batch, S sequence, T = B*S tokens, D model dim, E routed experts, K routed
 experts per token, G device groups, R routing groups (group-limited routing), J = E/R experts per group.
 
-Leaf modules take plain arguments; only `compiler.build` reads the spec. Every choice is made at build
+Leaf modules take plain arguments; only `moeforge.compiler.build` reads the spec. Every choice is made at build
 time, so `forward` is straight-line code.
 """
 

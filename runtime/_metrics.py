@@ -3,7 +3,7 @@
 Legend: E routed experts of one layer.
 
 Counting is cheap: after each training forward, `LoadTracker.update()` adds every MoE layer's
-`experts.last_counts_E` (written by `runtime.Experts` on each forward) into a device-resident int64
+`experts.last_counts_E` (written by `moeforge.runtime.Experts` on each forward) into a device-resident int64
 accumulator, with no host sync. Where a layer's experts do not record counts, a forward hook on its router
 recomputes them from the router logits (top-k of the scores, the same choice the layer makes).
 
@@ -46,7 +46,7 @@ class LoadTracker:
 
     Args:
         model: anything with `moe_layers()` -> [(layer_index, moe_module)], where `moe_module.experts` is a
-            `runtime.Experts` (or has `router` and `top_k` for the hook fallback). A model without the method
+            `moeforge.runtime.Experts` (or has `router` and `top_k` for the hook fallback). A model without the method
             or without MoE layers gives an empty tracker.
     """
 

@@ -358,7 +358,7 @@ def train(
     Raises:
         Diverged: the loss or gradient norm became NaN/inf.
         OutOfMemory: the device or host ran out of memory.
-        runtime.DataError: the corpus cannot supply a sequence.
+        moeforge.runtime.DataError: the corpus cannot supply a sequence.
         FileExistsError / FileNotFoundError: out_dir already holds a run (without resume) / has no checkpoint.
     """
     device = resolve_device(cfg.device)

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import FrozenTrial, TrialState
-
-from compiler import ModelSpec, spec_to_yaml
 
 from ._run import best_trial, counted
 from ._spec import SearchSpec

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from moeforge.compiler import ModelSpec, account
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
-
-from compiler import ModelSpec, account
 
 from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
 from ._spec import SearchSpec, train_config
@@ -208,11 +207,10 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 # --------------------------------------------------------------------------------------- evaluation
 def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
-    """Build each spec and train it with `runtime.train` on the search's corpus."""
+    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus."""
     import torch
-
-    from compiler import build
-    from runtime import Diverged, OutOfMemory, load_corpus, train
+    from moeforge.compiler import build
+    from moeforge.runtime import Diverged, OutOfMemory, load_corpus, train
 
     dev = device or search.train.device
     if search.train.cpu_threads:

@@ -7,9 +7,8 @@ import hashlib
 import math
 from typing import Any
 
+from moeforge.compiler import ModelSpec, account, memory
 from pydantic import ValidationError
-
-from compiler import ModelSpec, account, memory
 
 from ._spec import CategoricalParam, FloatParam, IntParam, SearchSpec
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
 
 if TYPE_CHECKING:
-    from compiler import Problem
-    from compiler._loader import Locs
-    from runtime import TrainConfig
+    from moeforge.compiler import Problem
+    from moeforge.compiler._loader import Locs
+    from moeforge.runtime import TrainConfig
 
 
 class _Section(BaseModel):
@@ -207,7 +207,7 @@ class PrunerSpec(_Section):
 
 
 class TrainSettings(_Section):
-    """Settings passed to the trainer (runtime.TrainConfig); budget and seed come from the search."""
+    """Settings passed to the trainer (moeforge.runtime.TrainConfig); budget and seed come from the search."""
 
     device: str = "auto"
     """auto (cuda when there is one), cpu, cuda, cuda:1, ..."""
@@ -220,7 +220,7 @@ class TrainSettings(_Section):
     cpu_threads: int | None = Field(None, gt=0)
     """torch threads on CPU; 1 is fastest for tiny models on a busy machine and for several workers."""
     data: str | None = None
-    """Corpus: null for the bundled one, or a path (see `runtime.load_corpus`)."""
+    """Corpus: null for the bundled one, or a path (see `moeforge.runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}
     """Other TrainConfig fields by name (e.g. warmup, eval_tokens), checked against TrainConfig on load."""
 
@@ -284,7 +284,7 @@ def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: 
     `load_search` has checked the options against TrainConfig's fields, so this raises only for a spec
     that did not come through it.
     """
-    from runtime import TrainConfig
+    from moeforge.runtime import TrainConfig
 
     s = search.train
     settings: dict[str, Any] = {
@@ -310,8 +310,8 @@ def _key_problem(path: tuple[str, ...]) -> str | None:
     """Why a dotted key is not a model spec key, or None when it is one."""
     import difflib
 
-    from compiler import ModelSpec
-    from compiler._loader import _models_in
+    from moeforge.compiler import ModelSpec
+    from moeforge.compiler._loader import _models_in
 
     options: list[type[BaseModel]] = [ModelSpec]
     for i, part in enumerate(path):
@@ -336,9 +336,9 @@ def _key_problem(path: tuple[str, ...]) -> str | None:
 def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
     """Located problems of `train.options`: keys the search sets itself, keys that are not TrainConfig
     fields (with a did-you-mean), values of the wrong type, and TrainConfig's own checks."""
-    from compiler import Problem, SpecError, validate
-    from compiler._loader import _locate
-    from runtime import TrainConfig
+    from moeforge.compiler import Problem, SpecError, validate
+    from moeforge.compiler._loader import _locate
+    from moeforge.runtime import TrainConfig
 
     s = search.train
     where = ("train", "options")
@@ -387,8 +387,8 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
     Raises:
         SpecError: located problems in the search spec or its base.
     """
-    from compiler import ModelSpec, Problem, SpecError, resolve, validate
-    from compiler._loader import _locate, _merge, apply_overrides, load_document, read_yaml
+    from moeforge.compiler import ModelSpec, Problem, SpecError, resolve, validate
+    from moeforge.compiler._loader import _locate, _merge, apply_overrides, load_document, read_yaml
 
     path = resolve(path_or_name, "searches")
     soft: list[Problem] = []

@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from compiler import load_spec
-    from compiler._report import report_dict
     from moeforge._format import count, nbytes
+    from moeforge.compiler import load_spec
+    from moeforge.compiler._report import report_dict
 
     reps = [report_dict(load_spec(s), dtype=args.dtype, causal=args.causal) for s in args.specs]
     if args.json:

@@ -42,9 +42,9 @@ def _fail(msg: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler import build, load_spec
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OOM
-    from runtime import DataError, OutOfMemory, evaluate, load_corpus, load_weights
+    from moeforge.compiler import build, load_spec
+    from moeforge.runtime import DataError, OutOfMemory, evaluate, load_corpus, load_weights
 
     spec_path = Path(args.spec)
     spec = load_spec(spec_path / "spec.yaml" if spec_path.is_dir() else args.spec, args.overrides)

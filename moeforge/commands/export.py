@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler import load_spec
-    from compiler._hf import HFError, check_against_transformers, export_hf
+    from moeforge.compiler import load_spec
+    from moeforge.compiler._hf import HFError, check_against_transformers, export_hf
 
     spec = load_spec(args.spec, args.overrides)
     try:

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read a Hugging Face config.json (model_type deepseek, deepseek_v2, deepseek_v3, qwen2_moe, "
         "qwen3_moe, mixtral or olmoe) and write DIR/<name>.yaml; when SRC is a model folder with safetensors "
         "weights (sharded or not), also DIR/model.safetensors with the keys and shapes of "
-        "compiler.build(spec).state_dict(). A config field moeforge cannot express is an error that names it "
+        "moeforge.compiler.build(spec).state_dict(). A config field moeforge cannot express is an error that names it "
         "(exit 2). transformers is not needed.",
         epilog="examples:\n  moeforge import hf ~/models/DeepSeek-V3/config.json --out specs/imported\n"
         "  moeforge import hf ~/models/OLMoE-1B-7B --out runs/olmoe --name olmoe",
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler._hf import HFError, import_hf
+    from moeforge.compiler._hf import HFError, import_hf
 
     try:
         spec_path, weights_path, notes = import_hf(args.src, args.out, args.name)

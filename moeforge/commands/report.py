@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler import load_spec, shipped_names
-    from compiler._report import report_dict
+    from moeforge.compiler import load_spec, shipped_names
+    from moeforge.compiler._report import report_dict
 
     if args.list or not args.spec:
         if not args.list:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     rep = report_dict(spec, dtype=args.dtype, causal=args.causal)
     if args.measure:
-        from compiler import measure
+        from moeforge.compiler import measure
 
         try:
             rep["measured"] = measure(spec)

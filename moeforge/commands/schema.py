@@ -21,11 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.search:
-        from search import search_schema
+        from moeforge.search import search_schema
 
         print_json(search_schema())
     else:
-        from compiler import model_schema
+        from moeforge.compiler import model_schema
 
         print_json(model_schema())
     return 0

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_INTERRUPTED
-    from search import RunConfig, SearchStop
+    from moeforge.search import RunConfig, SearchStop
 
     try:
         if args.worker is not None:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if args.budget_flops is not None and not args.budget_flops > 0:
             print("moeforge search: --budget-flops must be > 0", file=sys.stderr)
             return EXIT_BAD_INPUT
-        from search import load_search, run_search
+        from moeforge.search import load_search, run_search
 
         search = load_search(args.spec, args.overrides)
         update: dict[str, Any] = {}
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json(summary)
         else:
-            from search import report
+            from moeforge.search import report
 
             _, records = report(run_dir, None, None, plots=False)
             render(records, search)
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from search import RunConfig, run_one_worker
+    from moeforge.search import RunConfig, run_one_worker
 
     run_dir = Path(args.out)
     cfg = RunConfig(run_dir, args.storage, args.study, 1, args.device, args.fake_objective)
@@ -142,7 +142,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search import report
+    from moeforge.search import report
 
     run_dir = Path(args.run_dir_arg) if args.run_dir_arg else (Path(args.out) if args.out else None)
     search, records = report(
@@ -160,7 +160,7 @@ def render(records: list[dict], search: Any) -> None:
     from rich.table import Table
 
     from moeforge._format import count
-    from search import leaderboard
+    from moeforge.search import leaderboard
 
     con = console()
     metric = search.objective.metric

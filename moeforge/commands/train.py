@@ -89,9 +89,9 @@ def _fail(msg: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler import account, build, load_spec, spec_to_yaml
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAIL, EXIT_OOM
-    from runtime import DataError, Diverged, OutOfMemory, TrainConfig, load_corpus, train
+    from moeforge.compiler import account, build, load_spec, spec_to_yaml
+    from moeforge.runtime import DataError, Diverged, OutOfMemory, TrainConfig, load_corpus, train
 
     given = {k: getattr(args, k) for k in _CFG_FLAGS + _BUDGET_FLAGS if getattr(args, k) is not None}
     if args.resume:

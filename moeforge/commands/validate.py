@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler import SpecError, load_spec
+    from moeforge.compiler import SpecError, load_spec
 
     results = {}
     for path in args.specs:

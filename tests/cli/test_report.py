@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from moeforge.compiler import account, load_spec
 
-from compiler import account, load_spec
 from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -66,7 +66,7 @@ def test_report_measure_json_agrees_with_the_analytic_numbers(capsys: pytest.Cap
 def test_report_measure_too_big_is_one_line_and_exit_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import compiler._measure as measure_module
+    import moeforge.compiler._measure as measure_module
 
     monkeypatch.setattr(measure_module, "_physical_memory", lambda: 1 << 20)
     assert main(["report", "debug", "--measure"]) == EXIT_FAIL

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import yaml
+from moeforge.compiler import account, load_spec
 
-from compiler import account, load_spec
 from moeforge.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAIL, main
 
 FAST = ["--device", "cpu", "--batch-size", "4", "--eval-tokens", "1024", "--no-progress"]

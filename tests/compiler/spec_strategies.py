@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hypothesis import strategies as st
-
-from compiler import ModelSpec
+from moeforge.compiler import ModelSpec
 
 
 @st.composite

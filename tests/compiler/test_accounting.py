@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from moeforge.compiler import COMPONENTS, ModelSpec, account, build
 from spec_strategies import model_specs
-
-from compiler import COMPONENTS, ModelSpec, account, build
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -23,7 +22,7 @@ def test_params_equal_meta_numel(spec: ModelSpec) -> None:
 
 def _component_numel(spec: ModelSpec) -> dict[str, int]:
     """The built model's parameters grouped by the module that owns them (not by name matching)."""
-    from runtime import MoE
+    from moeforge.runtime import MoE
 
     model = build(spec, device="meta")
     out = dict.fromkeys(COMPONENTS, 0)

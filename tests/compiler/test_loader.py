@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from compiler import SpecError, load_spec, model_schema, resolve, shipped_dir, shipped_names
-from compiler._loader import parse_yaml
-from compiler._spec import GQASpec, MHASpec
+from moeforge.compiler import SpecError, load_spec, model_schema, resolve, shipped_dir, shipped_names
+from moeforge.compiler._loader import parse_yaml
+from moeforge.compiler._spec import GQASpec, MHASpec
 
 BASE = """\
 name: base

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from moeforge.compiler import ModelSpec, account, build, load_spec, measure
+from moeforge.compiler._measure import _flop_counter_mapping
 from spec_strategies import model_specs
 from torch.utils.flop_counter import FlopCounterMode
-
-from compiler import ModelSpec, account, build, load_spec, measure
-from compiler._measure import _flop_counter_mapping
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -81,7 +80,7 @@ def test_measured_attention_is_the_full_square_and_causal_halves_its_core() -> N
 
 
 def test_too_big_to_measure_is_a_one_line_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import compiler._measure as measure_module
+    import moeforge.compiler._measure as measure_module
 
     monkeypatch.setattr(measure_module, "_physical_memory", lambda: 1 << 20)
     with pytest.raises(ValueError, match="too big to measure") as info:
@@ -91,7 +90,7 @@ def test_too_big_to_measure_is_a_one_line_value_error(monkeypatch: pytest.Monkey
 
 # ------------------------------------------------------------------------------- each dispatch path
 def _dispatches() -> list[str]:
-    from runtime import _experts
+    from moeforge.runtime import _experts
 
     names = [d for d in getattr(_experts, "DISPATCHES", ("loop",)) if d != "auto"]
     if "grouped_mm" in names and not _experts.grouped_mm_supported(torch.device("cpu"), torch.float32):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from compiler import COMPONENTS, account, build, load_spec, shipped_names
+from moeforge.compiler import COMPONENTS, account, build, load_spec, shipped_names
 
 
 @pytest.mark.parametrize("name", shipped_names())

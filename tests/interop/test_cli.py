@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import compiler
+from moeforge import compiler
 from moeforge.cli import main
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -42,9 +42,8 @@ def test_inexpressible_field_is_a_one_line_error(tmp_path, capsys, change, named
 
 
 def test_import_sharded_checkpoint_matches_build(tmp_path):
+    from moeforge.compiler._hf import export_hf
     from safetensors.torch import load_file, save_file
-
-    from compiler._hf import export_hf
 
     spec = compiler.load_spec("debug")
     ours = compiler.build(spec, seed=0)

@@ -12,9 +12,9 @@ import json
 
 import pytest
 import torch
+from moeforge.compiler._hf import config_to_spec, export_hf, import_hf, spec_to_config
 
-import compiler
-from compiler._hf import config_to_spec, export_hf, import_hf, spec_to_config
+from moeforge import compiler
 
 from .conftest import tiny_hf_model
 

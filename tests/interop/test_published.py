@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from moeforge.compiler._hf import config_to_spec
 
-import compiler
-from compiler._hf import config_to_spec
+from moeforge import compiler
 
 CONFIGS = Path(__file__).parent / "configs"
 NAMES = sorted(p.name for p in CONFIGS.iterdir() if (p / "config.json").is_file())

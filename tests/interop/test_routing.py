@@ -1,10 +1,9 @@
-"""DeepSeek-V3 routing pieces in `runtime.MoE`: the selection bias chooses but does not weigh; the sign rule."""
+"""DeepSeek-V3 routing pieces in `moeforge.runtime.MoE`: the selection bias chooses but does not weigh; the sign rule."""
 
 from __future__ import annotations
 
 import torch
-
-from runtime import MoE
+from moeforge.runtime import MoE
 
 
 def _moe(**kw) -> MoE:

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from runtime import _data
-from runtime._data import (
+from moeforge.runtime import _data
+from moeforge.runtime._data import (
     BUNDLED_NAME,
     HEADER_BYTES,
     MAGIC,

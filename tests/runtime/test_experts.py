@@ -13,8 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from runtime._experts import Experts, grouped_mm_supported
+from moeforge.runtime._experts import Experts, grouped_mm_supported
 
 CPU = torch.device("cpu")
 FAST = [

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from moeforge.runtime import MoE
 
-import compiler
-from runtime import MoE
+from moeforge import compiler
 
 
 def _moe(**kw):

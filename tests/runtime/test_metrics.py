@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from compiler import build, load_spec
-from runtime import LoadTracker, load_stats
+from moeforge.compiler import build, load_spec
+from moeforge.runtime import LoadTracker, load_stats
 
 
 def test_load_stats_of_known_counts():
@@ -75,8 +74,8 @@ def test_router_hook_fallback_agrees_with_the_experts_counts(model):
 
 def test_capacity_mode_reports_the_dropped_fraction_in_training(tmp_path):
     """A spec with a capacity factor drops tokens; the load summary says how many."""
-    from compiler import account, build, load_spec
-    from runtime import TrainConfig, load_corpus, train
+    from moeforge.compiler import account, build, load_spec
+    from moeforge.runtime import TrainConfig, load_corpus, train
 
     spec = load_spec("debug", ["moe.capacity_factor=0.5"])
     corpus = load_corpus(cache_dir=tmp_path, vocab_size=256)

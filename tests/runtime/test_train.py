@@ -8,11 +8,10 @@ import pickle
 
 import pytest
 import torch
+from moeforge.compiler import account, build, load_spec
+from moeforge.runtime import Diverged, TrainConfig, load_checkpoint, load_corpus, lr_at, planned_tokens, train
+from moeforge.runtime._train import make_optimizer
 from safetensors import safe_open
-
-from compiler import account, build, load_spec
-from runtime import Diverged, TrainConfig, load_checkpoint, load_corpus, lr_at, planned_tokens, train
-from runtime._train import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -1,8 +1,7 @@
 from pathlib import Path
 
 import pytest
-
-from search import load_search
+from moeforge.search import load_search
 
 DEBUG_PAPER = """\
 name: {name}

@@ -112,8 +112,7 @@ def _env(**extra: str) -> dict:
 
 def _study(url: str, name: str):
     import optuna
-
-    from search import open_storage
+    from moeforge.search import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(url))
 
@@ -128,9 +127,8 @@ def test_two_workers_share_a_study(pg_url, tmp_path):
         timeout=240,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    from moeforge.search import counted
     from optuna.trial import TrialState
-
-    from search import counted
 
     trials = _study(pg_url, "shared").get_trials()
     numbers = [t.number for t in trials]
@@ -175,6 +173,6 @@ def test_killed_worker_trial_is_failed_and_retried(pg_url, tmp_path):
     dump = [(t.number, t.state.name, t.system_attrs, t.user_attrs.get("pid")) for t in trials.values()]
     assert len(retries) == 1, dump
     assert retries[0].state == TrialState.COMPLETE and retries[0].params == dead.params
-    from search import counted
+    from moeforge.search import counted
 
     assert len(counted(list(trials.values()))) == 3

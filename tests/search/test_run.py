@@ -9,12 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import moeforge.search._run as run_mod
 import optuna
 import pytest
-from optuna.trial import TrialState
-
-import search._run as run_mod
-from search import (
+from moeforge.search import (
     RunConfig,
     TrialFailed,
     WorkerOptions,
@@ -24,7 +22,8 @@ from search import (
     run_search,
     run_worker,
 )
-from search._run import make_pruner
+from moeforge.search._run import make_pruner
+from optuna.trial import TrialState
 
 
 def _study(s):
@@ -139,14 +138,14 @@ def test_real_training_meets_budget(make_search, tmp_path):
         assert r["tokens"] * r["forward_flops_per_token"] * 3 == r["train_flops"]
         assert r["load"] is not None
     # best.yaml validates and reports as is
-    from compiler import account, load_spec
+    from moeforge.compiler import account, load_spec
 
     best = load_spec(tmp_path / "run" / "best.yaml")
     assert account(best).params_total == min(done, key=lambda r: r["value"])["params_total"]
 
 
 def _count_done(journal: Path) -> int:
-    from search import open_storage
+    from moeforge.search import open_storage
 
     try:
         study = optuna.load_study(study_name="t", storage=open_storage(str(journal)))
@@ -179,7 +178,7 @@ def test_resume_after_kill(make_search, tmp_path):
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    from search import open_storage
+    from moeforge.search import open_storage
 
     study = optuna.load_study(study_name="t", storage=open_storage(str(run_dir / "study.journal")))
     first = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}

@@ -3,9 +3,8 @@
 import copy
 
 import pytest
-
-from compiler import account
-from search import Infeasible, constraint_values, grid_space, load_search, spec_key, trial_to_spec
+from moeforge.compiler import account
+from moeforge.search import Infeasible, constraint_values, grid_space, load_search, spec_key, trial_to_spec
 
 
 def test_trial_to_spec_is_pure(make_search):
@@ -75,7 +74,7 @@ def test_constraint_values_sign(make_search):
 
 @pytest.mark.parametrize("name", ["quickstart", "granularity"])
 def test_shipped_searches_load_and_make_specs(name):
-    from search import grid_space as gs
+    from moeforge.search import grid_space as gs
 
     s = load_search(name)
     grid = gs(s)

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from moeforge.compiler import SpecError
+from moeforge.search._spec import train_config
 
-from compiler import SpecError
 from moeforge.cli import main
-from search._spec import train_config
 
 
 def _option_at(path: Path, key: str) -> str:
