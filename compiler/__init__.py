@@ -7,6 +7,12 @@ Public API:
     memory(spec, dtype="bf16") -> MemoryEstimate
     measure(spec, batch_size=1, seq_len=None) -> dict (FlopCounterMode, fvcore, numel)
     model_schema() -> dict (JSON Schema)
+    report_dict(spec, dtype="bf16", causal=False) -> dict (what `moeforge report --json` prints)
+    import_hf / export_hf / check_against_transformers: Hugging Face interop (HFError on what cannot map)
+
+Reading other YAML documents (search specs) the way specs are read, with located problems:
+    resolve, read_yaml, load_document, apply_overrides, merge_specs, validate, locate, model_classes;
+    Loc, Locs, Problem, SpecError
 """
 
 from __future__ import annotations
@@ -16,17 +22,26 @@ from pathlib import Path
 from ._accounting import COMPONENTS, Accounting, LayerCounts, MemoryEstimate, account, memory
 from ._builder import build
 from ._dump import spec_to_yaml
+from ._hf import HFError, check_against_transformers, export_hf, import_hf
 from ._loader import (
     Loc,
+    Locs,
     Problem,
     SpecError,
+    apply_overrides,
+    load_document,
     load_validated,
+    locate,
+    merge_specs,
+    model_classes,
+    read_yaml,
     resolve,
     shipped_dir,
     shipped_names,
     validate,
 )
 from ._measure import measure
+from ._report import report_dict
 from ._spec import ModelSpec, MoEDerived
 
 
@@ -56,20 +71,32 @@ def model_schema() -> dict:
 __all__ = [
     "COMPONENTS",
     "Accounting",
+    "HFError",
     "LayerCounts",
     "Loc",
+    "Locs",
     "MemoryEstimate",
     "ModelSpec",
     "MoEDerived",
     "Problem",
     "SpecError",
     "account",
+    "apply_overrides",
     "build",
+    "check_against_transformers",
+    "export_hf",
+    "import_hf",
+    "load_document",
     "load_spec",
     "load_validated",
+    "locate",
     "measure",
     "memory",
+    "merge_specs",
+    "model_classes",
     "model_schema",
+    "read_yaml",
+    "report_dict",
     "resolve",
     "shipped_dir",
     "shipped_names",

@@ -25,6 +25,8 @@ M = TypeVar("M", bound=BaseModel)
 
 @dataclass(frozen=True)
 class Loc:
+    """A place in a file (or in a ``<--set key=value>`` pseudo-file): 1-based line and column."""
+
     file: str
     line: int
     col: int
@@ -32,6 +34,8 @@ class Loc:
 
 @dataclass(frozen=True)
 class Problem:
+    """One located problem: ``str()`` gives ``file:line:col: dotted.key: message``."""
+
     loc: Loc
     key: str
     message: str
@@ -51,6 +55,7 @@ class SpecError(Exception):
 
 Path_ = tuple[str | int, ...]
 Locs = dict[Path_, Loc]
+"""Where each key and list item of a document was written, by its path in the data (``("moe", "top_k")``)."""
 
 
 # ------------------------------------------------------------------------------------ shipped specs
@@ -61,6 +66,7 @@ def shipped_dir(kind: str = "models") -> Path:
 
 
 def shipped_names(kind: str = "models") -> list[str]:
+    """The names of the shipped specs of a kind, sorted."""
     return sorted(p.stem for p in shipped_dir(kind).glob("*.yaml"))
 
 
@@ -259,7 +265,11 @@ def _reader_error(e: yaml.YAMLError, text: str, file: str) -> typing.NoReturn:
 
 
 def read_yaml(path: Path, soft: list[Problem] | None = None) -> tuple[Any, Locs]:
-    """Read and parse a YAML file; unreadable or binary files give one located problem."""
+    """Read and parse a YAML file (see `parse_yaml`): plain data and the location of every key and item.
+
+    Raises:
+        SpecError: the file is unreadable, binary or not valid YAML (one located problem).
+    """
     file = str(path)
     try:
         raw = path.read_bytes()
@@ -280,6 +290,15 @@ def read_yaml(path: Path, soft: list[Problem] | None = None) -> tuple[Any, Locs]
 
 
 # -------------------------------------------------------------------------------------- composition
+def merge_specs(base: dict, over: dict) -> dict:
+    """A child spec's data deep-merged over its base's (what ``base:`` does).
+
+    Mappings merge key by key; anything else in `over` replaces the base's value, and so does a section
+    with another ``kind`` (an ``mla`` attention replaces an ``mha`` one instead of mixing their keys).
+    """
+    return _merge(base, over)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -294,7 +313,11 @@ def _merge(base: dict, over: dict) -> dict:
 def load_document(
     path: Path, kind: str = "models", soft: list[Problem] | None = None, _seen: tuple[Path, ...] = ()
 ) -> tuple[dict, Locs]:
-    """A spec file as a mapping with locations, with its ``base:`` chain merged underneath."""
+    """A spec file as a mapping with locations, with its ``base:`` chain merged underneath (`merge_specs`).
+
+    Raises:
+        SpecError: the file or a base in its chain cannot be read, is not a mapping, or makes a cycle.
+    """
     data, locs = read_yaml(path, soft)
     file = str(path)
     if data is None:
@@ -328,7 +351,7 @@ def load_document(
             [Problem(base_loc, "base", f"{base_ref!r} makes a cycle ({cycle}); remove one `base:`")]
         )
     base_data, base_locs = load_document(base_path, kind, soft, chain)
-    merged = _merge(base_data, data)
+    merged = merge_specs(base_data, data)
     # Locations: a key's own file wins; inherited keys point into the base file. A section the child
     # replaced (another `kind`, or null) keeps no locations from the base.
     return merged, _prune({**base_locs, **locs}, merged)
@@ -418,12 +441,17 @@ def apply_overrides(data: dict, locs: Locs, overrides: list[str] | tuple[str, ..
 
 
 # ---------------------------------------------------------------------------------------- validation
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
+def model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic model classes a field annotation may hold (several for a union, none for a scalar).
+
+    Args:
+        annotation: a field's annotation, e.g. ``ModelSpec.model_fields["moe"].annotation``.
+    """
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     out: list[type[BaseModel]] = []
     for a in typing.get_args(annotation):
-        out += _models_in(a)
+        out += model_classes(a)
     return out
 
 
@@ -443,7 +471,7 @@ def _model_at(cls: type[BaseModel], data: Any, path: Path_) -> type[BaseModel] |
         if isinstance(key, int) or key not in cls.model_fields:
             return None
         data = data.get(key) if isinstance(data, dict) else None
-        options = _models_in(cls.model_fields[key].annotation)
+        options = model_classes(cls.model_fields[key].annotation)
         if not options:
             return None
         kind = data.get("kind") if isinstance(data, dict) else None
@@ -457,7 +485,7 @@ def _options_at(cls: type[BaseModel], data: Any, path: Path_) -> list[type[BaseM
     parent = _model_at(cls, data, path[:-1]) if path else None
     if parent is None or isinstance(path[-1], int) or path[-1] not in parent.model_fields:
         return []
-    return _models_in(parent.model_fields[path[-1]].annotation)
+    return model_classes(parent.model_fields[path[-1]].annotation)
 
 
 def _field_at(cls: type[BaseModel], data: Any, path: Path_) -> Any:
@@ -493,7 +521,8 @@ def _data_path(cls: type[BaseModel], loc: tuple, root: Any) -> Path_:
 _UNION_TAGS = {"int", "float", "str", "bool", "tuple", "list", "dict", "none"}
 
 
-def _locate(locs: Locs, path: Path_) -> Loc:
+def locate(locs: Locs, path: Path_) -> Loc:
+    """Where the value at `path` was written: its own location, else its nearest located parent's."""
     for i in range(len(path), -1, -1):
         if path[:i] in locs:
             return locs[path[:i]]
@@ -622,7 +651,7 @@ def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = 
         problems = list(soft or [])
         for err in _one_per_line(e.errors(include_url=False)):
             path, msg = _explain(cls, data, err)
-            problems.append(Problem(_locate(locs, path), _dotted(path), msg))
+            problems.append(Problem(locate(locs, path), _dotted(path), msg))
         problems = list(dict.fromkeys(problems))
         problems.sort(key=lambda p: (p.loc.file.startswith("<--set"), p.loc.file, p.loc.line, p.loc.col))
         raise SpecError(problems) from None

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
 
 if TYPE_CHECKING:
-    from moeforge.compiler import Problem
-    from moeforge.compiler._loader import Locs
+    from moeforge.compiler import Locs, Problem
     from moeforge.runtime import TrainConfig
 
 
@@ -310,8 +309,7 @@ def _key_problem(path: tuple[str, ...]) -> str | None:
     """Why a dotted key is not a model spec key, or None when it is one."""
     import difflib
 
-    from moeforge.compiler import ModelSpec
-    from moeforge.compiler._loader import _models_in
+    from moeforge.compiler import ModelSpec, model_classes
 
     options: list[type[BaseModel]] = [ModelSpec]
     for i, part in enumerate(path):
@@ -325,7 +323,7 @@ def _key_problem(path: tuple[str, ...]) -> str | None:
             m
             for cls in options
             if part in cls.model_fields
-            for m in _models_in(cls.model_fields[part].annotation)
+            for m in model_classes(cls.model_fields[part].annotation)
         ]
         if i < len(path) - 1 and not nxt:
             return f"{'.'.join(path[: i + 1])} is a value, it has no sub-keys"
@@ -336,8 +334,7 @@ def _key_problem(path: tuple[str, ...]) -> str | None:
 def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
     """Located problems of `train.options`: keys the search sets itself, keys that are not TrainConfig
     fields (with a did-you-mean), values of the wrong type, and TrainConfig's own checks."""
-    from moeforge.compiler import Problem, SpecError, validate
-    from moeforge.compiler._loader import _locate
+    from moeforge.compiler import Problem, SpecError, locate, validate
     from moeforge.runtime import TrainConfig
 
     s = search.train
@@ -346,7 +343,7 @@ def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
     owned.update(seed="seeds", device="train.device", eval_points="train.eval_points")
     owned.update({k: f"train.{k}" for k in ("batch_size", "lr") if getattr(s, k) is not None})
     problems = [
-        Problem(_locate(locs, (*where, k)), f"train.options.{k}", f"set by the search; use {owned[k]}")
+        Problem(locate(locs, (*where, k)), f"train.options.{k}", f"set by the search; use {owned[k]}")
         for k in s.options
         if k in owned
     ]
@@ -358,7 +355,7 @@ def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
     }
     twin = create_model("TrainOptions", __config__=ConfigDict(extra="forbid", strict=True), **twin_fields)
     sub_locs = {k[len(where) :]: v for k, v in locs.items() if k[: len(where)] == where}
-    sub_locs[()] = _locate(locs, where)
+    sub_locs[()] = locate(locs, where)
     try:
         validate(twin, {k: v for k, v in s.options.items() if k not in owned}, sub_locs)
     except SpecError as e:
@@ -374,7 +371,7 @@ def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
         m = re.match(r"(\w+): (.*)", str(e))
         key, msg = (m.group(1), m.group(2)) if m and m.group(1) in s.options else (None, str(e))
         path = (*where, key) if key else where
-        return [Problem(_locate(locs, path), ".".join(map(str, path)), msg)]
+        return [Problem(locate(locs, path), ".".join(map(str, path)), msg)]
     return []
 
 
@@ -387,14 +384,24 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
     Raises:
         SpecError: located problems in the search spec or its base.
     """
-    from moeforge.compiler import ModelSpec, Problem, SpecError, resolve, validate
-    from moeforge.compiler._loader import _locate, _merge, apply_overrides, load_document, read_yaml
+    from moeforge.compiler import (
+        ModelSpec,
+        Problem,
+        SpecError,
+        apply_overrides,
+        load_document,
+        locate,
+        merge_specs,
+        read_yaml,
+        resolve,
+        validate,
+    )
 
     path = resolve(path_or_name, "searches")
     soft: list[Problem] = []
     data, locs = read_yaml(path, soft)
     if not isinstance(data, dict):
-        loc = locs.get((), None) or _locate(locs, ())
+        loc = locs.get((), None) or locate(locs, ())
         raise SpecError(
             [Problem(loc, "", "a search spec must be a mapping of keys; see `moeforge schema --search`")]
         )
@@ -428,7 +435,7 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
                     [Problem(locs[("base", "base")], "base.base", f"{ref!r}: {e.problems[0].message}")]
                 ) from None
             parent_data, parent_locs = load_document(parent, "models")
-            base_data = _merge(parent_data, base_data)
+            base_data = merge_specs(parent_data, base_data)
             base_locs = {**parent_locs, **base_locs}
         try:
             base = validate(ModelSpec, base_data, base_locs)

@@ -39,8 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.compiler import load_spec, shipped_names
-    from moeforge.compiler._report import report_dict
+    from moeforge.compiler import load_spec, report_dict, shipped_names
 
     if args.list or not args.spec:
         if not args.list:
