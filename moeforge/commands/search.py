@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1 ... (overrides train.device)")
     p.add_argument("--json", action="store_true", help="print the result (or the report) as JSON")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="leaderboard: every column, full names, even wider than the terminal",
+    )
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--fake-objective", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
@@ -118,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
             from moeforge.search import report
 
             _, records = report(run_dir, None, None, plots=False)
-            render(records, search)
-            print(f"results: {run_dir}/ (best.yaml, trials.json, trials.csv, plots/)")
+            render(records, search, wide=args.wide)
+            files = "best.yaml, trials.json, trials.csv" + ("" if args.no_plots else ", plots/")
+            print(f"results: {run_dir}/ ({files})")
         return EXIT_FAIL if summary.get("worker_errors") else 0
     except SearchStop as e:
         print(f"moeforge search: {e}", file=sys.stderr)
@@ -151,59 +157,127 @@ def _report(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"trials": records})
     else:
-        render(records, search)
+        render(records, search, wide=args.wide)
     return 0
 
 
-def render(records: list[dict], search: Any) -> None:
+def render(records: list[dict], search: Any, wide: bool = False, con: Any = None) -> None:
+    """Print the leaderboard, best first, within the console's width (80 when not a terminal).
+
+    To fit, dotted parameter names shrink to their last components (a legend follows), then the columns
+    in `_DROP_FIRST` go, then trailing parameters; a line under the table names what is hidden. `wide`
+    shows every column under its full name, however wide.
+    """
     from rich import box
+    from rich.cells import cell_len
+    from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     from moeforge._format import count
     from moeforge.search import leaderboard
 
-    con = console()
-    metric = search.objective.metric
+    con = con or console()
     names = list(dict.fromkeys(k for r in records for k in r["params"]))
-    t = Table(
-        title=f"search {search.name}: {search.budget.train_flops:.3g} training FLOPs per trial",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-    )
-    for col in ("#", "state", metric, *(["± seeds"] if len(search.seeds) > 1 else []), *names):
-        t.add_column(col, justify="right", no_wrap=True)
-    for col in ("experts", "params", "activated", "tokens"):
-        t.add_column(col, justify="right", no_wrap=True)
-    notes = []  # free text goes under the table, so the numbers keep their width on any terminal
+    params = {f"param:{n}": n for n in names}  # column id -> name; no spec key can clash with "params"
+    stats = ["experts", "params", "activated", "tokens"]
+    every = ["#", "state", "value", *(["± seeds"] if len(search.seeds) > 1 else []), *params, *stats]
+    full = {"#": "#", "state": "state", "value": search.objective.metric, "± seeds": "± seeds"}
+    full |= params | {c: c for c in stats}
+    short = full | {f"param:{n}": s for n, s in _short_names(names).items()}
+    rows: list[dict[str, str]] = []
+    notes = []  # free text goes under the table, so the numbers keep their width
     for r in leaderboard(records):
         if r["state"] == "WAITING":
             continue
-        experts = (
-            f"{r['shared_experts']}+{r['top_k']}/{r['routed_experts']}"
-            if r["routed_experts"] is not None
-            else "-"
-        )
         note = r["infeasible"] or r["fail_reason"] or r["died"] or ""
         if r["reused_from"] is not None:
             note = f"same spec as #{r['reused_from']}"
         if note:
             notes.append(f"#{r['number']}: {note}")
-        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
         state = "infeasible" if r["infeasible"] else _STATES.get(r["state"], r["state"].lower())
-        row = [str(r["number"]) + ("*" if note else ""), state, value]
-        if len(search.seeds) > 1:
-            row.append(f"{r['value_std']:.4f}" if r["value_std"] is not None else "-")
-        row += [str(r["params"].get(n, "")) for n in names]
-        row += [
-            experts,
-            count(r["params_total"]) if r["params_total"] else "-",
-            count(r["params_activated"]) if r["params_activated"] else "-",
-            count(r["tokens"]) if r["tokens"] else "-",
-        ]
-        t.add_row(*row)
-    con.print(t)
+        experts = "-"
+        if r["routed_experts"] is not None:
+            experts = f"{r['shared_experts']}+{r['top_k']}/{r['routed_experts']}"
+        rows.append(
+            {
+                "#": str(r["number"]) + ("*" if note else ""),
+                "state": state,
+                "value": f"{r['value']:.4f}" if r["value"] is not None else "-",
+                "± seeds": f"{r['value_std']:.4f}" if r["value_std"] is not None else "-",
+                **{p: _cell(r["params"].get(n, "")) for p, n in params.items()},
+                "experts": experts,
+                "params": count(r["params_total"]) if r["params_total"] else "-",
+                "activated": count(r["params_activated"]) if r["params_activated"] else "-",
+                "tokens": count(r["tokens"]) if r["tokens"] else "-",
+            }
+        )
+
+    def table(cols: list[str], heads: dict[str, str], rows: list[dict[str, str]]) -> Table:
+        t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        for c in cols:
+            t.add_column(heads[c], justify="right", no_wrap=True)
+        for row in rows:
+            t.add_row(*(row[c] for c in cols))
+        return t
+
+    def width(t: Table) -> int:
+        return Measurement.get(con, con.options.update_width(1 << 16), t).maximum
+
+    # Fitting measures one row of each column's widest cell, not the whole leaderboard.
+    widest = [{c: max((row[c] for row in rows), key=cell_len, default="") for c in every}]
+    cols, heads = list(every), full
+    if not wide:
+        if width(table(cols, heads, widest)) > con.width:
+            heads = short
+        # The columns of least value go first; parameters only when nothing else is left, last first.
+        for c in (*_DROP_FIRST, *reversed(list(params))):
+            if width(table(cols, heads, widest)) <= con.width:
+                break
+            if c in cols:
+                cols.remove(c)
+    t = table(cols, heads, rows)
+    if wide:
+        t.width = width(t)  # else rich squeezes it into the console
+
+    def say(line: str, indent: int = 0) -> None:  # free text: wrapped to the console unless wide
+        if wide:
+            con.print(Text(" " * indent + line), soft_wrap=True)
+            return
+        for part in Text(line).wrap(con, max(con.width - indent, 20)):
+            part.rstrip()
+            con.print(Text(" " * indent) + part)
+
+    say(f"search {search.name}: {search.budget.train_flops:.3g} training FLOPs per trial")
+    con.print(t, crop=not wide)
+    legend = [f"{heads[c]}={full[c]}" for c in cols if heads[c] != full[c]]
+    if legend:
+        say("columns: " + ", ".join(legend), 2)
+    hidden = [full[c] for c in every if c not in cols]
+    if hidden:
+        say(f"hidden to fit {con.width} columns: {', '.join(hidden)} (--wide shows all)", 2)
     for line in notes:
-        con.print(f"  {line}", highlight=False, soft_wrap=True)
+        say(line, 2)
 
 
 _STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
+_DROP_FIRST = ("tokens", "activated", "params", "experts", "± seeds")
+"""The leaderboard's columns of least value, in the order they go when it is too wide."""
+
+
+def _short_names(names: list[str]) -> dict[str, str]:
+    """Each name's shortest dotted suffix no other name ends with: moe.balance.expert_alpha -> expert_alpha."""
+    out = {}
+    for n in names:
+        parts = n.split(".")
+        for k in range(1, len(parts) + 1):
+            s = ".".join(parts[-k:])
+            if sum(o == s or o.endswith("." + s) for o in names) == 1:
+                break
+        out[n] = s
+    return out
+
+
+def _cell(v: Any) -> str:
+    """A parameter's value, short: floats to 4 significant digits (0.0003, 1.5e-05, 3.142)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
