@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
 
 if TYPE_CHECKING:
-    from moeforge.compiler import Locs, Problem
+    from moeforge.compiler import Locs, ModelSpec, Problem
     from moeforge.runtime import TrainConfig
 
 
@@ -382,20 +382,9 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
     `trial_to_spec` needs no files.
 
     Raises:
-        SpecError: located problems in the search spec or its base.
+        SpecError: every located problem in the search spec and its base, at once.
     """
-    from moeforge.compiler import (
-        ModelSpec,
-        Problem,
-        SpecError,
-        apply_overrides,
-        load_document,
-        locate,
-        merge_specs,
-        read_yaml,
-        resolve,
-        validate,
-    )
+    from moeforge.compiler import Problem, SpecError, apply_overrides, locate, read_yaml, resolve, validate
 
     path = resolve(path_or_name, "searches")
     soft: list[Problem] = []
@@ -407,48 +396,81 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
         )
     if overrides:
         data = apply_overrides(data, locs, overrides)
-    spec = validate(SearchSpec, data, locs, soft)
+    problems: list[Problem] = []
+    spec: SearchSpec | None = None
+    try:
+        spec = validate(SearchSpec, data, locs, soft)
+    except SpecError as e:
+        problems += e.problems
+    # The base model spec, validated with its own locations, even when the search's own keys have problems.
+    base, base_data, base_problems = _base_spec(data.get("base"), path, locs)
+    problems += base_problems
+    if spec is not None:
+        problems += _train_option_problems(spec, locs)
+        for key in spec.space.params:
+            why = _key_problem(tuple(key.split(".")))
+            if why:
+                problems.append(Problem(locs[("space", "params", key)], f"space.params.{key}", why))
+        if base is not None:
+            problems += _axis_problems(spec, base, locs)
+    if problems:
+        problems = list(dict.fromkeys(problems))
+        problems.sort(key=lambda p: (p.loc.file.startswith("<--set"), p.loc.file, p.loc.line, p.loc.col))
+        raise SpecError(problems)
+    assert spec is not None and base_data is not None
+    return spec.model_copy(update={"base": base_data})
 
-    # The base model spec, validated with its own locations.
-    if isinstance(spec.base, str):
+
+def _base_spec(ref: Any, path: Path, locs: Locs) -> tuple[ModelSpec | None, dict | None, list[Problem]]:
+    """The search's base model spec (validated, or None), its data (composition done), and its problems.
+
+    A string names a model spec file (problems are located in it, under its own keys); a mapping is a spec
+    written inline, possibly on top of a file (``base: {base: debug, ...}``; problems are ``base.*`` keys).
+    Anything else is left to the search spec's own validation.
+    """
+    from moeforge.compiler import ModelSpec, Problem, SpecError, load_document, merge_specs, resolve, validate
+
+    if isinstance(ref, str):
         try:
-            base_path = resolve(spec.base, "models", relative_to=path.parent)
+            base_path = resolve(ref, "models", relative_to=path.parent)
         except SpecError as e:
-            raise SpecError(
-                [Problem(locs[("base",)], "base", f"{spec.base!r}: {e.problems[0].message}")]
-            ) from None
-        base_soft: list[Problem] = []
-        base_data, base_locs = load_document(base_path, "models", base_soft)
-        base = validate(ModelSpec, base_data, base_locs, base_soft)
-    else:
-        base_data = dict(spec.base)
-        base_locs = {k[1:]: v for k, v in locs.items() if k[:1] == ("base",)}
-        base_locs[()] = locs[("base",)]
-        if isinstance(
-            base_data.get("base"), str
-        ):  # an inline spec may build on a file: `base: {base: debug, ...}`
-            ref = base_data.pop("base")
+            return None, None, [Problem(locs[("base",)], "base", f"{ref!r}: {e.problems[0].message}")]
+        try:
+            soft: list[Problem] = []
+            data, base_locs = load_document(base_path, "models", soft)
+            return validate(ModelSpec, data, base_locs, soft), data, []
+        except SpecError as e:  # located in the base file, under its own keys
+            return None, None, e.problems
+    if not isinstance(ref, dict):
+        return None, None, []
+    data = dict(ref)
+    base_locs = {k[1:]: v for k, v in locs.items() if k[:1] == ("base",)}
+    base_locs[()] = locs[("base",)]
+    try:
+        if isinstance(data.get("base"), str):  # an inline spec may build on a file: `base: {base: debug}`
+            parent_ref = data.pop("base")
             try:
-                parent = resolve(ref, "models", relative_to=path.parent)
+                parent = resolve(parent_ref, "models", relative_to=path.parent)
             except SpecError as e:
-                raise SpecError(
-                    [Problem(locs[("base", "base")], "base.base", f"{ref!r}: {e.problems[0].message}")]
-                ) from None
+                where = locs[("base", "base")]
+                return None, None, [Problem(where, "base.base", f"{parent_ref!r}: {e.problems[0].message}")]
             parent_data, parent_locs = load_document(parent, "models")
-            base_data = merge_specs(parent_data, base_data)
+            data = merge_specs(parent_data, data)
             base_locs = {**parent_locs, **base_locs}
-        try:
-            base = validate(ModelSpec, base_data, base_locs)
-        except SpecError as e:
-            raise SpecError(
-                [Problem(p.loc, f"base.{p.key}" if p.key else "base", p.message) for p in e.problems]
-            ) from None
+        return validate(ModelSpec, data, base_locs), data, []
+    except SpecError as e:
+        return (
+            None,
+            None,
+            [Problem(p.loc, f"base.{p.key}" if p.key else "base", p.message) for p in e.problems],
+        )
 
-    problems = _train_option_problems(spec, locs)
-    for key in spec.space.params:
-        why = _key_problem(tuple(key.split(".")))
-        if why:
-            problems.append(Problem(locs[("space", "params", key)], f"space.params.{key}", why))
+
+def _axis_problems(spec: SearchSpec, base: ModelSpec, locs: Locs) -> list[Problem]:
+    """The space's DeepSeekMoE axes against the base model spec."""
+    from moeforge.compiler import Problem
+
+    problems = []
     for axis in ("granularity", "shared"):
         if getattr(spec.space, axis) and (base.moe is None or base.moe.paper is None):
             problems.append(
@@ -458,6 +480,4 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
                     "needs the base spec's MoE in paper form (moe.paper: {experts: N, top_k: K, m: m, shared: K_s})",
                 )
             )
-    if problems:
-        raise SpecError(problems)
-    return spec.model_copy(update={"base": base_data})
+    return problems

@@ -8,6 +8,7 @@ FILE, relative to the spec's folder, when the problem is in another file such as
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,8 @@ import pytest
 
 from moeforge.cli import main
 
-BAD = Path(__file__).resolve().parent.parent / "compiler" / "bad_specs"
+ROOT = Path(__file__).resolve().parents[2]
+BAD = ROOT / "tests" / "compiler" / "bad_specs"
 CORPUS = sorted(BAD.glob("*.yaml"))
 EXPECT = re.compile(
     rb"^# expect: (?:(?P<file>[^@\s]+)@)?(?P<line>\d+):(?P<col>\d+): (?P<key>\S+): (?P<text>.+)$"
@@ -143,14 +145,82 @@ def test_validate_prints_ok_files_and_fails_if_any_is_bad(capsys: pytest.Capture
 
 
 def test_validate_json_lists_problems(capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-
     bad = str(BAD / "unknown_key_in_gqa.yaml")
     assert main(["validate", "--json", bad, "debug"]) == 2
     res = json.loads(capsys.readouterr().out)
-    assert res["debug"] == {"ok": True, "name": "debug", "problems": []}
+    assert res["debug"] == {"ok": True, "kind": "model", "name": "debug", "problems": []}
     assert res[bad]["ok"] is False
     assert len(res[bad]["problems"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ search specs
+SEARCHES = sorted((ROOT / "specs" / "searches").glob("*.yaml"))
+SEARCH_TEXT = """\
+name: s
+base:
+  base: debug
+  moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null, paper: {experts: 4, top_k: 1}}
+space: {granularity: [1, 2]}
+budget: {train_flops: 1.0e+9}
+n_trials: 2
+"""
+
+
+def test_validate_accepts_the_shipped_search_specs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert len(SEARCHES) >= 2
+    assert main(["validate", *map(str, SEARCHES), "quickstart", "debug"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.splitlines() == [
+        *(f"{p}: ok (search {p.stem})" for p in SEARCHES),
+        "quickstart: ok (search quickstart)",
+        "debug: ok (debug)",
+    ]
+
+
+def test_a_search_spec_is_told_by_its_keys_or_its_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    anywhere = tmp_path / "mine.yaml"
+    anywhere.write_text(SEARCH_TEXT)
+    (tmp_path / "searches").mkdir()
+    in_searches = tmp_path / "searches" / "empty.yaml"
+    in_searches.write_text("name: e\nbase: debug\n")  # no search key: known by its folder
+    assert main(["validate", "--json", str(anywhere), str(in_searches)]) == 2
+    res = json.loads(capsys.readouterr().out)
+    assert res[str(anywhere)] == {"ok": True, "kind": "search", "name": "s", "problems": []}
+    assert res[str(in_searches)]["kind"] == "search"
+    assert [p.split(": ")[1] for p in res[str(in_searches)]["problems"]] == ["space", "budget", "n_trials"]
+
+
+def test_search_only_keys_are_the_search_fields_a_model_spec_lacks() -> None:
+    from moeforge.compiler import ModelSpec
+    from moeforge.search import SearchSpec
+
+    from moeforge.commands.validate import SEARCH_KEYS
+
+    assert set(SEARCH_KEYS) == set(SearchSpec.model_fields) - set(ModelSpec.model_fields) - {"base"}
+
+
+@pytest.mark.parametrize("command", ["validate", "search"])
+def test_search_spec_problems_are_the_same_located_lines_from_every_command(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        SEARCH_TEXT.replace("base: debug", "base: debug\n  d_model: -64").replace(
+            "n_trials: 2", "n_trials: 0"
+        )
+    )
+    argv = [command, str(path)] + (["--out", str(tmp_path / "run")] if command == "search" else [])
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.splitlines() == [
+        f"{path}:4:3: base.d_model: must be greater than 0 (got -64)",
+        f"{path}:8:1: n_trials: must be greater than 0 (got 0)",
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------- other subcommands
