@@ -596,6 +596,9 @@ def _explain(cls: type[BaseModel], data: Any, err: Any) -> tuple[Path_, str]:
         close = difflib.get_close_matches(str(value), allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return path, f"must be one of: {', '.join(allowed)} (got {_yaml_repr(value)}){hint}"
+    if kind == "too_short":
+        n = ctx.get("min_length", 1)
+        return path, f"give at least {n} item{'s' if n != 1 else ''} (got {_yaml_repr(value)})"
     msg = _TYPE_MSG.get(kind, msg.replace("Input should be", "must be"))
     if given:
         msg += f" (got {_yaml_repr(value)})"
@@ -635,7 +638,7 @@ def _bounds(field: Any) -> str:
 def _yaml_repr(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
-    return _short(value)
+    return _short(list(value) if isinstance(value, tuple) else value)
 
 
 def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = None) -> M:
@@ -649,7 +652,7 @@ def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = 
         result = cls.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as e:
         problems = list(soft or [])
-        for err in _one_per_line(e.errors(include_url=False)):
+        for err in _one_per_value(_one_per_line(e.errors(include_url=False))):
             path, msg = _explain(cls, data, err)
             problems.append(Problem(locate(locs, path), _dotted(path), msg))
         problems = list(dict.fromkeys(problems))
@@ -669,6 +672,39 @@ def _one_per_line(errors: list[Any]) -> list[Any]:
             out += [{**err, "msg": line} for line in lines]
         else:
             out.append(err)
+    return out
+
+
+_TYPE_NOUN = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+}
+
+
+def _one_per_value(errors: list[Any]) -> list[Any]:
+    """A value that fits none of a union's scalar types (``bool | int | float | str``) gets one error per
+    type from pydantic, each ending in the type's tag: make them one error that names every type."""
+    out: list[Any] = []
+    merged: dict[tuple, list[str]] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        if not (loc and loc[-1] in _UNION_TAGS and err["type"] in _TYPE_NOUN):
+            out.append(err)
+            continue
+        if loc[:-1] not in merged:
+            merged[loc[:-1]] = []
+            out.append({**err, "loc": loc[:-1], "type": "union_type"})
+        merged[loc[:-1]].append(_TYPE_NOUN[err["type"]])
+    for err in out:
+        if err["type"] == "union_type":
+            nouns = merged[err["loc"]]
+            if "a number" in nouns and "an integer" in nouns:
+                nouns.remove("an integer")
+            err["msg"] = "must be " + (
+                f"{', '.join(nouns[:-1])} or {nouns[-1]}" if len(nouns) > 1 else nouns[0]
+            )
     return out
 
 

@@ -13,7 +13,18 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetJsonSchemaHandler,
+    Tag,
+    create_model,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
 
 if TYPE_CHECKING:
     from moeforge.compiler import Locs, ModelSpec, Problem
@@ -89,6 +100,28 @@ def _param_kind(v: Any) -> str | None:
     return None
 
 
+def _choices_shorthand(v: Any) -> Any:
+    """``[2, 4]`` is ``{categorical: [2, 4]}``, as sweep configs elsewhere write it."""
+    # What this hook returns is validated as Python data, where a strict tuple field takes no list: the
+    # choices become a tuple, in the shorthand and in the long form alike.
+    if isinstance(v, list | tuple):
+        return {"categorical": tuple(v)}
+    if isinstance(v, dict) and isinstance(v.get("categorical"), list):
+        return {**v, "categorical": tuple(v["categorical"])}
+    return v
+
+
+class _ChoicesShorthandSchema:
+    """Adds the plain-list shorthand to the distribution's JSON Schema (editors accept ``top_k: [2, 4]``)."""
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        choices = CategoricalParam.model_json_schema()["properties"]["categorical"]
+        shorthand = {**choices, "title": "Choices", "description": "Shorthand for {categorical: [...]}."}
+        out["oneOf"] = [*out["oneOf"], shorthand]
+        return out
+
+
 ParamDist = Annotated[
     Annotated[IntParam, Tag("int")]
     | Annotated[FloatParam, Tag("float")]
@@ -96,9 +129,13 @@ ParamDist = Annotated[
     Discriminator(
         _param_kind,
         custom_error_type="param_kind",
-        custom_error_message="expected one of {int: {low, high}}, {float: {low, high}}, {categorical: [...]}",
+        custom_error_message="expected a list of choices [a, b, ...], or one of {int: {low, high}}, "
+        "{float: {low, high}}, {categorical: [...]}",
     ),
+    BeforeValidator(_choices_shorthand),
+    _ChoicesShorthandSchema(),
 ]
+"""One parameter's distribution; a plain list is categorical."""
 
 
 # ---------------------------------------------------------------------------------------------- space
@@ -125,7 +162,8 @@ class WidthDepth(_Section):
 
 class SpaceSpec(_Section):
     params: dict[str, ParamDist] = {}
-    """Any model spec key by dotted path (``moe.balance.expert_alpha``) -> {int|float: {...}} or {categorical: [...]}."""
+    """Any model spec key by dotted path (``moe.balance.expert_alpha``) -> {int|float: {...}}, {categorical:
+    [...]}, or a plain list of choices (``moe.top_k: [2, 4]`` is ``{categorical: [2, 4]}``)."""
     granularity: tuple[int, ...] | None = Field(None, min_length=1)
     """Segmentation factors m to try (trial parameter `m`) at fixed N and K of the base's paper form, so
     total and activated expert parameters stay the same (DeepSeekMoE section 3.1)."""

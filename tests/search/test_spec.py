@@ -64,3 +64,49 @@ def test_unknown_train_option_exits_2_from_the_cli(tmp_path, capsys):
         in err
     )
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ plain-list shorthand
+def test_a_plain_list_is_categorical(make_search):
+    from moeforge.search import grid_space, search_schema, trial_to_spec
+    from moeforge.search._spec import CategoricalParam
+
+    short = make_search(
+        "  params:\n    moe.balance.expert_alpha: [0.0, 0.01]\n    ffn.activation: [swiglu, gelu]"
+    )
+    long = make_search(
+        "  params:\n    moe.balance.expert_alpha: {categorical: [0.0, 0.01]}\n"
+        "    ffn.activation: {categorical: [swiglu, gelu]}",
+        name="long",
+    )
+    assert short.space == long.space
+    assert short.space.params["ffn.activation"] == CategoricalParam(categorical=("swiglu", "gelu"))
+    assert grid_space(short) == {
+        "moe.balance.expert_alpha": [0.0, 0.01],
+        "ffn.activation": ["swiglu", "gelu"],
+    }
+    spec = trial_to_spec(short, {"moe.balance.expert_alpha": 0.01, "ffn.activation": "gelu"})
+    assert (spec.moe.balance.expert_alpha, spec.ffn.activation) == (0.01, "gelu")
+    # editors see the shorthand too: the schema's distribution accepts an array of choices
+    dist = search_schema()["$defs"]["SpaceSpec"]["properties"]["params"]["additionalProperties"]
+    arrays = [alt for alt in dist["oneOf"] if alt.get("type") == "array"]
+    assert len(arrays) == 1 and arrays[0]["minItems"] == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "message"),
+    [
+        ("[]", "", "give at least 1 item (got [])"),
+        ("[swiglu, {a: 1}]", "[1]", "must be true or false, a number or a string (got {'a': 1})"),
+        ("{categorical: [swiglu, [gelu]]}", ".categorical[1]", "must be true or false, a number or a string"),
+        ("swiglu", "", "expected a list of choices [a, b, ...], or one of {int: {low, high}}"),
+    ],
+)
+def test_bad_choices_are_one_located_line(make_search, tmp_path, value, where, message):
+    with pytest.raises(SpecError) as e:
+        make_search(f"  params:\n    ffn.activation: {value}")
+    [problem] = e.value.problems
+    assert problem.key == f"space.params.ffn.activation{where}"
+    assert message in problem.message
+    line = (tmp_path / "t.yaml").read_text().splitlines()[problem.loc.line - 1]
+    assert line.startswith("    ffn.activation:")
