@@ -3,8 +3,9 @@
 Every problem is reported as ``path/spec.yaml:LINE:COL: dotted.key: message`` (1-based line and column),
 all problems of a file at once. YAML is composed with PyYAML's safe loader (no object construction);
 duplicate and unknown keys are errors. Composition: ``base: other.yaml`` (a path relative to the file, or
-a shipped spec name) is deep-merged under the file, and ``--set key=value`` overrides go on top; all of it
-is validated by the same schema, and each value keeps the location it came from.
+a shipped spec name) is deep-merged under the file (`merge_specs`: a section of another ``kind`` and the
+other MoE form are replaced, not mixed), and ``--set key=value`` overrides go on top; all of it is
+validated by the same schema, and each value keeps the location it came from.
 """
 
 from __future__ import annotations
@@ -290,13 +291,33 @@ def read_yaml(path: Path, soft: list[Problem] | None = None) -> tuple[Any, Locs]
 
 
 # -------------------------------------------------------------------------------------- composition
-def merge_specs(base: dict, over: dict) -> dict:
-    """A child spec's data deep-merged over its base's (what ``base:`` does).
+# The fine-grained form of an MoE section; the paper form is `moe.paper`.
+_FINE_MOE_KEYS = ("routed_experts", "shared_experts", "top_k", "expert_hidden")
+
+
+def merge_specs(base: dict, base_locs: Locs, over: dict, over_locs: Locs) -> tuple[dict, Locs]:
+    """A child model spec's data deep-merged over its base's (what ``base:`` does), with locations.
 
     Mappings merge key by key; anything else in `over` replaces the base's value, and so does a section
     with another ``kind`` (an ``mla`` attention replaces an ``mha`` one instead of mixing their keys).
+    The two forms of an MoE section replace each other too: a child that sets ``moe.paper`` drops the
+    base's fine-grained ``routed_experts``, ``shared_experts``, ``top_k`` and ``expert_hidden``, and a child
+    that sets any of those drops the base's ``paper``; a child that sets both keeps both (they must agree).
+
+    Returns:
+        The merged data, and the location of each value: the child's own, else the base's; values the
+        child replaced keep no location from the base.
     """
-    return _merge(base, over)
+    merged = _merge(base, over)
+    moe_over, moe = over.get("moe"), merged.get("moe")
+    if isinstance(moe_over, dict) and isinstance(moe, dict) and isinstance(base.get("moe"), dict):
+        # `paper: null` or `top_k: null` removes a key; it does not choose a form.
+        sets_paper = moe_over.get("paper") is not None
+        sets_fine = any(moe_over.get(k) is not None for k in _FINE_MOE_KEYS)
+        if sets_paper != sets_fine:
+            replaced = _FINE_MOE_KEYS if sets_paper else ("paper",)
+            merged["moe"] = {k: v for k, v in moe.items() if k not in replaced}
+    return merged, _prune({**base_locs, **over_locs}, merged)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -351,10 +372,8 @@ def load_document(
             [Problem(base_loc, "base", f"{base_ref!r} makes a cycle ({cycle}); remove one `base:`")]
         )
     base_data, base_locs = load_document(base_path, kind, soft, chain)
-    merged = merge_specs(base_data, data)
-    # Locations: a key's own file wins; inherited keys point into the base file. A section the child
-    # replaced (another `kind`, or null) keeps no locations from the base.
-    return merged, _prune({**base_locs, **locs}, merged)
+    # Locations: a key's own file wins; inherited keys point into the base file.
+    return merge_specs(base_data, base_locs, data, locs)
 
 
 def _prune(locs: Locs, data: Any) -> Locs:

@@ -10,7 +10,8 @@ DeepSeekMoE's two ways of writing an MoE layer (arXiv 2401.06066, section 3):
 * paper form: ``paper: {experts: N, top_k: K, m: m, shared: K_s}`` with experts of the standard FFN width,
   from which routed = mN - K_s experts of width standard/m, routed top-k = mK - K_s, and K_s shared.
 
-Both may be written; then they must agree.
+Both may be written; then they must agree. A spec that inherits another (``base:``) and writes one form
+replaces the base's other form, so switching forms needs no ``null``s (see `merge_specs`).
 """
 
 from __future__ import annotations

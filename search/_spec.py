@@ -493,8 +493,7 @@ def _base_spec(ref: Any, path: Path, locs: Locs) -> tuple[ModelSpec | None, dict
                 where = locs[("base", "base")]
                 return None, None, [Problem(where, "base.base", f"{parent_ref!r}: {e.problems[0].message}")]
             parent_data, parent_locs = load_document(parent, "models")
-            data = merge_specs(parent_data, data)
-            base_locs = {**parent_locs, **base_locs}
+            data, base_locs = merge_specs(parent_data, parent_locs, data, base_locs)
         return validate(ModelSpec, data, base_locs), data, []
     except SpecError as e:
         return (

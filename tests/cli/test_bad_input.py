@@ -159,7 +159,7 @@ SEARCH_TEXT = """\
 name: s
 base:
   base: debug
-  moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null, paper: {experts: 4, top_k: 1}}
+  moe: {paper: {experts: 4, top_k: 1}}
 space: {granularity: [1, 2]}
 budget: {train_flops: 1.0e+9}
 n_trials: 2

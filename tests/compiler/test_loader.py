@@ -73,6 +73,74 @@ def test_null_removes_an_inherited_section(tmp_path: Path) -> None:
     assert load_spec(dense).moe is None
 
 
+def test_a_child_in_paper_form_replaces_the_base_fine_grained_numbers(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", BASE)
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nmoe: {paper: {experts: 4, top_k: 1, m: 2}}\n")
+    spec = load_spec(child)
+    assert spec.moe is not None and spec.moe_derived is not None
+    assert (spec.moe.routed_experts, spec.moe.shared_experts, spec.moe.top_k, spec.moe.expert_hidden) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    d = spec.moe_derived
+    assert (d.routed_experts, d.shared_experts, d.top_k, d.expert_hidden, d.m) == (8, 0, 2, 64, 2)
+    assert (spec.moe.first_dense, spec.moe.balance.expert_alpha) == (1, 0.01)  # the rest is inherited
+
+
+def test_a_child_in_fine_grained_form_replaces_the_base_paper_form(tmp_path: Path) -> None:
+    paper = BASE.replace(
+        "  routed_experts: 8\n  shared_experts: 1\n  top_k: 2\n  expert_hidden: 32\n",
+        "  paper: {experts: 4, top_k: 1, m: 2, shared: 1}\n",
+    )
+    write(tmp_path, "base.yaml", paper)
+    assert load_spec(tmp_path / "base.yaml").moe.paper is not None  # type: ignore[union-attr]
+    child = write(
+        tmp_path, "child.yaml", "base: base.yaml\nmoe: {routed_experts: 16, top_k: 4, expert_hidden: 16}\n"
+    )
+    spec = load_spec(child)
+    assert spec.moe is not None and spec.moe.paper is None
+    d = spec.moe_derived
+    assert d is not None and (d.routed_experts, d.shared_experts, d.top_k, d.expert_hidden) == (16, 0, 4, 16)
+    # one fine-grained key is enough to switch; the others then come from the child or their defaults
+    one = write(tmp_path, "one.yaml", "base: base.yaml\nmoe: {top_k: 4}\n")
+    with pytest.raises(SpecError) as exc:
+        load_spec(one)
+    [line] = problems(exc)
+    assert line.startswith(f"{one}:2:1: moe.routed_experts: missing")
+
+
+def test_a_child_that_writes_both_forms_keeps_both_and_they_must_agree(tmp_path: Path) -> None:
+    base = write(tmp_path, "base.yaml", BASE)
+    paper = "paper: {experts: 4, top_k: 1, m: 2}"
+    agree = write(
+        tmp_path,
+        "agree.yaml",
+        f"base: base.yaml\nmoe: {{{paper}, routed_experts: 8, shared_experts: 0, top_k: 2, expert_hidden: 64}}\n",
+    )
+    moe = load_spec(agree).moe
+    assert moe is not None and moe.paper is not None and (moe.routed_experts, moe.expert_hidden) == (8, 64)
+    # both forms given: the base's other fine-grained numbers stay, and must agree too
+    partial = write(
+        tmp_path, "partial.yaml", f"base: base.yaml\nmoe: {{{paper}, routed_experts: 8, top_k: 2}}\n"
+    )
+    with pytest.raises(SpecError) as exc:
+        load_spec(partial)
+    assert [line.split(" contradicts")[0] for line in problems(exc)] == [
+        f"{base}:11:3: moe.shared_experts: 1",
+        f"{base}:13:3: moe.expert_hidden: 32",
+    ]
+
+
+def test_switching_forms_keeps_no_locations_from_the_replaced_form(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", BASE)
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nmoe: {paper: {experts: 4, top_k: 5}}\n")
+    with pytest.raises(SpecError) as exc:
+        load_spec(child)
+    assert problems(exc) == [f"{child}:2:27: moe.paper.top_k: 5 > experts 4; top_k must be <= experts"]
+
+
 def test_chains_and_shipped_names_as_base(tmp_path: Path) -> None:
     write(tmp_path, "mid.yaml", "base: debug\nn_layers: 3\n")
     sub = tmp_path / "sub"

@@ -7,8 +7,7 @@ DEBUG_PAPER = """\
 name: {name}
 base:
   base: debug
-  moe: {{routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null,
-         paper: {{experts: 4, top_k: 1, m: 1, shared: 0}}}}
+  moe: {{paper: {{experts: 4, top_k: 1, m: 1, shared: 0}}}}
 space:
 {space}
 budget: {{train_flops: {budget}}}

@@ -110,3 +110,25 @@ def test_bad_choices_are_one_located_line(make_search, tmp_path, value, where, m
     assert message in problem.message
     line = (tmp_path / "t.yaml").read_text().splitlines()[problem.loc.line - 1]
     assert line.startswith("    ffn.activation:")
+
+
+# ------------------------------------------------------------------------ MoE form of an inline base
+def test_an_inline_base_switches_moe_form_without_nulls(tmp_path):
+    from moeforge.search import load_search
+
+    assert load_search("quickstart").base["moe"] == {
+        "paper": {"experts": 4, "top_k": 1, "m": 1, "shared": 0},
+        "balance": {"expert_alpha": 0.01},
+    }
+    path = tmp_path / "fine.yaml"
+    path.write_text(
+        "base:\n  base: deepseekmoe-2b\n  moe: {routed_experts: 15, top_k: 3, expert_hidden: 1280}\n"
+        "space: {params: {moe.top_k: [3, 5]}}\nbudget: {train_flops: 1.0e+9}\nn_trials: 2\n"
+    )
+    moe = load_search(path).base["moe"]
+    assert "paper" not in moe and (moe["routed_experts"], moe["top_k"]) == (15, 3)
+    path.write_text(path.read_text().replace("top_k: 3,", "top_k: 30,"))
+    with pytest.raises(SpecError) as e:
+        load_search(path)
+    [problem] = e.value.problems
+    assert str(problem).startswith(f"{path}:3:29: base.moe.top_k: 30 > routed experts 15")
