@@ -129,6 +129,8 @@ def _trade_width_for_depth(
 ) -> ModelSpec:
     target = account(spec).forward_flops_per_token
     d0, a = spec.d_model, spec.attention
+    if a.kind == "mla":  # refused at load for the base; a trial's params could still switch to mla
+        raise Infeasible(f"n_layers={n_layers}: width/depth trades need mha or gqa attention, not mla")
     quantum = 2 * a.n_heads  # heads stay; the head dim d_model / n_heads stays even for rope
     moe = spec.moe
 

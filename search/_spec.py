@@ -140,12 +140,14 @@ ParamDist = Annotated[
 
 # ---------------------------------------------------------------------------------------------- space
 class WidthDepth(_Section):
-    """Trade depth for width at fixed forward FLOPs per token.
+    """Trade depth for width at fixed forward FLOPs per token (mha or gqa attention only).
 
     For each depth in `n_layers`, d_model is the multiple of 2 x n_heads whose forward FLOPs per token
     come closest to the candidate's at the base depth and width; the head count stays (head dim =
     d_model / n_heads), and every FFN and expert width scales with d_model (rounded to a multiple of every
     segmentation m in the space). A depth whose best width misses by more than `tolerance` is infeasible.
+    MLA attention is refused when the search loads: its latent ranks and its nope/rope/value head dims are
+    separate widths with no one rule to scale them by.
     """
 
     n_layers: tuple[int, ...] = Field(min_length=1)
@@ -165,13 +167,23 @@ class SpaceSpec(_Section):
     """Any model spec key by dotted path (``moe.balance.expert_alpha``) -> {int|float: {...}}, {categorical:
     [...]}, or a plain list of choices (``moe.top_k: [2, 4]`` is ``{categorical: [2, 4]}``)."""
     granularity: tuple[int, ...] | None = Field(None, min_length=1)
-    """Segmentation factors m to try (trial parameter `m`) at fixed N and K of the base's paper form, so
-    total and activated expert parameters stay the same (DeepSeekMoE section 3.1)."""
+    """Segmentation factors m to try (trial parameter `m`; DeepSeekMoE section 3.1), set as moe.paper.m on
+    the base's paper form: mN - K_s routed experts of width standard/m, routed top-(mK - K_s).
+    Held fixed: N, K, K_s (unless `shared` varies it), the standard expert width and everything outside
+    the MoE experts, so total and activated expert parameters and expert FLOPs per token are the same for
+    every m; only the router changes (d_model x routed experts per MoE layer)."""
     shared: tuple[int, ...] | None = Field(None, min_length=1)
-    """Shared expert counts K_s to try (trial parameter `K_s`), taken out of the mK activated experts:
-    routed top mK - K_s of mN - K_s (section 3.2)."""
+    """Shared expert counts K_s to try (trial parameter `K_s`; section 3.2), set as moe.paper.shared: K_s of
+    the mK activated fine-grained experts become always-active shared ones, leaving routed top-(mK - K_s)
+    of mN - K_s. Held fixed: N, K, m (unless `granularity` varies it), the expert width standard/m and
+    everything outside the MoE experts, so total and activated expert parameters and expert FLOPs per token
+    are the same for every K_s; only the router shrinks. K_s >= mK leaves no routed expert: infeasible."""
     width_depth: WidthDepth | None = None
-    """Depth choices with width derived to keep forward FLOPs per token fixed."""
+    """Depths to try (trial parameter `n_layers`), each at the d_model that keeps forward FLOPs per token
+    within `tolerance` of the trial's spec at the base depth. Held fixed: those FLOPs, the head counts
+    (n_heads, n_kv_heads; the head dim follows d_model), vocab_size, seq_len and the MoE structure (expert
+    counts, top-k, m, K_s, which layers are MoE); FFN and expert widths scale with d_model, so parameter
+    counts change. Needs mha or gqa attention."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> SpaceSpec:
@@ -504,10 +516,21 @@ def _base_spec(ref: Any, path: Path, locs: Locs) -> tuple[ModelSpec | None, dict
 
 
 def _axis_problems(spec: SearchSpec, base: ModelSpec, locs: Locs) -> list[Problem]:
-    """The space's DeepSeekMoE axes against the base model spec."""
+    """The space's axes against the base model spec."""
     from moeforge.compiler import Problem
 
     problems = []
+    if spec.space.width_depth is not None and base.attention.kind == "mla":
+        problems.append(
+            Problem(
+                locs[("space", "width_depth")],
+                "space.width_depth",
+                "cannot trade width for depth with mla attention: its latent ranks (q_lora_rank, "
+                "kv_lora_rank) and head dims (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) are separate "
+                "widths with no one rule to scale by d_model; use an mha or gqa base, or search n_layers, "
+                "d_model and the MLA dims in space.params under constraints.max_forward_flops_per_token",
+            )
+        )
     for axis in ("granularity", "shared"):
         if getattr(spec.space, axis) and (base.moe is None or base.moe.paper is None):
             problems.append(

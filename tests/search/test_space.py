@@ -54,6 +54,26 @@ def test_width_depth_keeps_flops_within_tolerance(make_search):
         trial_to_spec(tight, {"n_layers": 7})
 
 
+def test_width_depth_refuses_mla_attention(make_search, tmp_path):
+    from moeforge.compiler import SpecError, load_spec
+
+    path = tmp_path / "mla.yaml"
+    path.write_text(
+        "base: deepseek-v2-lite\nspace:\n  width_depth: {n_layers: [2, 4]}\nbudget: {train_flops: 1.0e+9}\n"
+        "n_trials: 1\n"
+    )
+    with pytest.raises(SpecError) as e:
+        load_search(path)
+    [problem] = e.value.problems
+    assert str(problem).startswith(f"{path}:3:3: space.width_depth: cannot trade width for depth with mla")
+    assert "use an mha or gqa base" in problem.message
+    # a trial whose spec has MLA (say through its params) is infeasible, not silently mis-scaled
+    s = make_search("  width_depth: {n_layers: [1, 2]}")
+    mla = load_spec("deepseek-v2-lite").model_dump(mode="json")
+    with pytest.raises(Infeasible, match="need mha or gqa"):
+        trial_to_spec(s.model_copy(update={"base": mla}), {"n_layers": 1})
+
+
 def test_dotted_params_and_grid(make_search):
     s = make_search(
         "  params:\n    moe.balance.expert_alpha: {categorical: [0.0, 0.01]}\n    d_model: {int: {low: 32, high: 64, step: 32}}"
