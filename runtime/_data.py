@@ -20,6 +20,7 @@ bytes behind each token are unknown and `bytes_per_token` is None.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import math
@@ -67,12 +68,30 @@ class Corpus:
     """1-D memmap of uint16 token ids, disjoint from `train`."""
     bytes_per_token: float | None = None
     """Bytes of text per token: 1.0 for byte-level data, None where unknown (token files)."""
+    min_vocab_size: int = BYTE_VOCAB_SIZE
+    """The smallest vocabulary that covers the data: 256 for byte-level data, the largest id + 1 otherwise."""
 
     def __repr__(self) -> str:
         return (
             f"Corpus(name={self.name!r}, vocab_size={self.vocab_size}, train_tokens={len(self.train)}, "
             f"val_tokens={len(self.val)}, bytes_per_token={self.bytes_per_token})"
         )
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the token level and of every train and validation token: equal exactly when two
+        machines would train and validate on the same data (the bundled corpus depends on the Python
+        version's standard library, for one)."""
+        h = hashlib.sha256(f"{_CACHE_FORMAT}\0{self.level}\0{len(self.train)}\0{len(self.val)}\0".encode())
+        for split in (self.train, self.val):
+            for i in range(0, len(split), 1 << 24):  # chunks keep memory flat on large memmaps
+                h.update(np.ascontiguousarray(split[i : i + (1 << 24)]).tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def level(self) -> str:
+        """ "bytes" (byte-level text) or "tokens" (token files of an unknown tokenizer)."""
+        return "bytes" if self.bytes_per_token == 1.0 else "tokens"
 
     def bits_per_byte(self, loss_nats: float) -> float | None:
         """Mean cross-entropy per token in nats -> bits per byte of text; None if bytes per token is unknown."""
@@ -229,8 +248,8 @@ def load_corpus(
         source: None, "bundled" or "bundled:stdlib" for the bundled corpus; a text file or folder of text
             files; a `.bin` token file; or a folder or glob pattern of `*train*.bin` and `*val*.bin` files.
         cache_dir: where built token files go; default `default_cache_dir()`.
-        vocab_size: the model's vocabulary; default 256 for byte-level data and 50257 (GPT-2) for token
-            files. Every token id must be below it.
+        vocab_size: the model's vocabulary; default 256 for byte-level data and 50257 (GPT-2, or more
+            if the data's ids need it) for token files. Every token id must be below it.
 
     Raises:
         DataError: the data is missing, empty, corrupt or has ids outside the vocabulary.
@@ -267,14 +286,14 @@ def _byte_corpus(name: str, train: np.ndarray, val: np.ndarray, vocab_size: int 
 
 
 def _token_corpus(name: str, train: np.ndarray, val: np.ndarray, vocab_size: int | None) -> Corpus:
-    vocab_size = vocab_size or GPT2_VOCAB_SIZE
     max_id = max(int(train.max()), int(val.max()))
-    if max_id >= vocab_size:
+    if vocab_size is not None and max_id >= vocab_size:
         raise DataError(
             f"{name}: token id {max_id} is outside the vocabulary of {vocab_size}; "
             f"pass vocab_size={max_id + 1} or more"
         )
-    return Corpus(name, vocab_size, train, val, bytes_per_token=None)
+    vocab_size = vocab_size or max(GPT2_VOCAB_SIZE, max_id + 1)
+    return Corpus(name, vocab_size, train, val, bytes_per_token=None, min_vocab_size=max_id + 1)
 
 
 def _tail_split(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

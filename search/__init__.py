@@ -6,10 +6,11 @@ Public API:
     trial_to_spec(search, params) -> ModelSpec      the one way a trial becomes a spec (pure)
     constraint_values(search, spec) -> list[float]  Optuna's convention, <= 0 feasible
     run_search(search, RunConfig(run_dir, ...), evaluate=None) -> summary dict
+        evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary; default real training
     report(run_dir, storage, study) -> (SearchSpec, trial records)
 """
 
-from ._driver import FAKE_ENV, RunConfig, report, run_one_worker, run_search
+from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
 from ._results import leaderboard, trial_record, trial_records, write_results
 from ._run import (
     Evaluate,
@@ -17,7 +18,8 @@ from ._run import (
     TrialFailed,
     WorkerOptions,
     counted,
-    fake_evaluator,
+    data_problem,
+    load_search_corpus,
     make_sampler,
     open_storage,
     open_study,
@@ -28,7 +30,6 @@ from ._space import Infeasible, constraint_values, describe, grid_space, spec_ke
 from ._spec import SearchSpec, load_search, search_schema
 
 __all__ = [
-    "FAKE_ENV",
     "Evaluate",
     "Infeasible",
     "RunConfig",
@@ -39,7 +40,9 @@ __all__ = [
     "constraint_values",
     "counted",
     "describe",
-    "fake_evaluator",
+    "auto_workers",
+    "data_problem",
+    "load_search_corpus",
     "grid_space",
     "leaderboard",
     "load_search",

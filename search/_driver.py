@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,12 +19,13 @@ import optuna
 from ._results import write_results
 from ._run import (
     Evaluate,
+    SearchStop,
     WorkerOptions,
     best_trial,
     counted,
     default_storage,
-    fake_evaluator,
     is_rdb,
+    load_search_corpus,
     open_study,
     real_evaluator,
     redact,
@@ -30,8 +33,6 @@ from ._run import (
     stored_search,
 )
 from ._spec import SearchSpec
-
-FAKE_ENV = "MOEFORGE_SEARCH_FAKE_S"  # tests: a fake objective of this many seconds per trial
 
 
 @dataclass
@@ -41,9 +42,9 @@ class RunConfig:
     run_dir: Path
     storage: str | None = None
     study: str | None = None
-    workers: int = 1
+    workers: int | None = None
+    """Worker processes on this machine; None (``--workers auto``) picks `auto_workers`."""
     device: str | None = None
-    fake_seconds: float | None = None
     plots: bool = True
 
 
@@ -51,11 +52,25 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _evaluator(search: SearchSpec, cfg: RunConfig) -> Evaluate:
-    fake = cfg.fake_seconds if cfg.fake_seconds is not None else os.environ.get(FAKE_ENV)
-    if fake is not None:
-        return fake_evaluator(float(fake), search.train.eval_points)
-    return real_evaluator(search, cfg.device)
+def auto_workers(search: SearchSpec, device: str | None = None) -> int:
+    """One worker per visible GPU on CUDA; on CPU, the cores divided by each trial's torch threads
+    (one worker when `train.cpu_threads` is unset, since torch then uses every core); never more
+    workers than trials."""
+    dev = device or search.train.device
+    if dev in ("auto", "cuda") and _gpus():
+        n = len(_gpus())
+    elif search.train.cpu_threads:
+        n = max(1, (os.cpu_count() or 1) // search.train.cpu_threads)
+    else:
+        n = 1
+    return max(1, min(n, search.n_trials))
+
+
+def process_salt() -> int:
+    """A number that differs between processes and machines, added to a shared study's sampler seed."""
+    return int.from_bytes(
+        hashlib.sha256(f"{socket.gethostname()}:{os.getpid()}".encode()).digest()[:3], "big"
+    )
 
 
 def run_search(
@@ -69,17 +84,26 @@ def run_search(
     Args:
         search: a loaded search spec (`load_search`).
         cfg: run dir, storage URL (default a journal file in the run dir), study name (default the search
-            name), worker processes.
-        evaluate: trains one spec at one seed; default the real trainer (tests pass fakes).
+            name), worker processes (default `auto_workers`).
+        evaluate: trains one spec at one seed; default the real trainer. Given, the search runs in this
+            process (one worker), so tests and notebooks can pass their own.
 
     Returns:
-        The summary of `write_results` plus the storage and study name.
+        The summary of `write_results` plus the storage, study name and worker count.
+
+    Raises:
+        SearchStop: the storage, the study or the data cannot be used (one line for the user).
     """
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     url = cfg.storage or default_storage(run_dir)
     name = cfg.study or search.name
-    study = open_study(search, url, name)
+    workers = 1 if evaluate is not None else (cfg.workers or auto_workers(search, cfg.device))
+    corpus = load_search_corpus(search)
+    # A storage given by URL or path is meant to be shared: salt the sampler seed per process, or every
+    # machine running this same command would propose the same specs in the same order.
+    salt = process_salt() if cfg.storage else 0
+    study = open_study(search, url, name, salt, corpus=corpus, concurrent=workers > 1)
     # The default journal is stored relative to the run dir, so a moved run dir still reports.
     stored = "study.journal" if cfg.storage is None else (url if is_rdb(url) else str(Path(url).resolve()))
     run_info = {"storage": redact(stored), "study": name, "search": search.name}
@@ -87,15 +111,18 @@ def run_search(
     done_before = len(counted(study.get_trials(deepcopy=False)))
     log(
         f"search {search.name!r}: study {name!r} in {redact(url)}; {done_before}/{search.n_trials} trials done, "
-        f"{search.budget.train_flops:.3g} training FLOPs each"
+        f"{search.budget.train_flops:.3g} training FLOPs each, {workers} worker{'s' * (workers > 1)}; "
+        f"data {corpus.name} ({len(corpus.train):,} train + {len(corpus.val):,} val tokens, "
+        f"fingerprint {corpus.fingerprint})"
     )
     interrupted = False
     worker_errors: list[int] = []
     try:
-        if cfg.workers <= 1:
-            run_worker(search, study, evaluate or _evaluator(search, cfg), WorkerOptions(run_dir, 0, log))
+        if workers <= 1:
+            evaluate = evaluate or real_evaluator(search, corpus, cfg.device)
+            run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, log, corpus))
         else:
-            worker_errors = _run_processes(search, study, url, name, cfg, log)
+            worker_errors = _run_processes(search, study, url, name, workers, cfg, log)
     except KeyboardInterrupt:
         interrupted = True
     summary = write_results(study, search, run_dir, plots=cfg.plots)
@@ -103,6 +130,7 @@ def run_search(
         storage=redact(url),
         study=name,
         run_dir=str(run_dir),
+        workers=workers,
         interrupted=interrupted,
         worker_errors=worker_errors,
     )
@@ -113,11 +141,15 @@ def run_search(
 
 def run_one_worker(run_dir: Path, storage: str, study_name: str, worker: int, cfg: RunConfig) -> int:
     """The hidden ``--worker`` entry point: join the study and work until the cap."""
-    probe = optuna.load_study(study_name=study_name, storage=storage_for(storage))
+    try:
+        probe = optuna.load_study(study_name=study_name, storage=storage_for(storage))
+    except KeyError:
+        raise SearchStop(f"no study {study_name!r} in {redact(storage)}") from None
     search = stored_search(probe)
-    study = open_study(search, storage, study_name, worker)
-    evaluate = _evaluator(search, cfg)
-    return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log))
+    corpus = load_search_corpus(search)
+    study = open_study(search, storage, study_name, worker + process_salt(), corpus=corpus, concurrent=True)
+    evaluate = real_evaluator(search, corpus, cfg.device)
+    return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log, corpus))
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
@@ -138,18 +170,22 @@ def _gpus() -> list[str]:
 
 
 def _run_processes(
-    search: SearchSpec, study: optuna.Study, url: str, name: str, cfg: RunConfig, log: Callable[[str], None]
+    search: SearchSpec,
+    study: optuna.Study,
+    url: str,
+    name: str,
+    workers: int,
+    cfg: RunConfig,
+    log: Callable[[str], None],
 ) -> list[int]:
     """N worker processes of this same command; one GPU each when there are GPUs; poll for the best."""
     gpus = _gpus() if (cfg.device or search.train.device) in ("auto", "cuda") else []
     procs = []
-    for i in range(cfg.workers):
+    for i in range(workers):
         cmd = [sys.executable, "-m", "moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir)]
         cmd += ["--storage", url, "--study", name]
         if cfg.device:
             cmd += ["--device", cfg.device]
-        if cfg.fake_seconds is not None:
-            cmd += ["--fake-objective", str(cfg.fake_seconds)]
         env = dict(os.environ)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]

@@ -46,7 +46,13 @@ RECORD_KEYS = (
     "reused_from",
     "retry_of",
     "fail_reason",
+    "fail_kind",
+    "traceback",
+    "retried",
     "died",
+    "skipped",
+    "trial_dir",
+    "data_fingerprint",
     "constraints",
     "worker",
     "duration_s",
@@ -69,6 +75,8 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     retry = t.system_attrs.get("failed_trial")
     if retry is not None and rec["retry_of"] is None:
         rec["retry_of"] = retry
+    if t.state == TrialState.FAIL and rec["fail_reason"] is None and not rec["skipped"] and not rec["died"]:
+        rec["died"] = "worker died"  # failed by a heartbeat or pid check, not by its own training
     return rec
 
 
@@ -98,6 +106,13 @@ def write_results(
         "trials": len(records),
         "counted": len(counted(study.get_trials(deepcopy=False))),
         "complete": sum(r["state"] == "COMPLETE" and r["reused_from"] is None for r in records),
+        "failed": sum(
+            r["state"] == "FAIL"
+            and r["fail_reason"] is not None
+            and not r["retried"]
+            and r["reused_from"] is None
+            for r in records
+        ),
         "best": trial_record(best) if best else None,
         "plots": made,
     }

@@ -1,17 +1,28 @@
 """Running a search: storage, study, the worker loop, and what one trial trains.
 
-A worker loops: ask a trial, turn it into a spec (`trial_to_spec`), check it analytically, and only then
-train it, once per seed, reporting to the pruner at equal fractions of the trial's own budget.
+A worker loops: ask a trial, turn it into a spec (`trial_to_spec`), check it analytically and against
+the data, and only then train it, once per seed, reporting to the pruner at equal fractions of the
+trial's own budget.
 
-Which trials count toward ``n_trials`` (across all workers): those that trained or are training, i.e.
-carry the user attr ``counted`` and did not die with their worker. Infeasible proposals (told PRUNED with
-their ``constraints``, so constraint-aware samplers learn from them) and proposals that repeat an earlier
-spec (told that spec's result, ``reused_from``) cost nothing and do not count.
+Which trials count toward ``n_trials`` (across all workers): those that trained or are training and
+are final, i.e. carry the user attr ``counted``, did not die with their worker and were not superseded
+by a retry. Infeasible proposals (told PRUNED with their ``constraints``, so constraint-aware samplers
+learn from them) and proposals that repeat an earlier or running spec (told that spec's result,
+``reused_from``) cost nothing and do not count.
+
+Failures are data: whatever a trial raises fails that trial (``fail_reason``, ``fail_kind``, the
+traceback in its folder) and the search goes on. A spec that failed is trained again once more; one
+that fails the same way twice (same exception type), or ``MAX_ATTEMPTS`` times in all, is not.
 
 Dead workers: on RDB storage (PostgreSQL) every running trial records heartbeats, and any worker fails
-stale trials before asking; `RetryFailedTrialCallback` enqueues them again. On the default journal file
-(one machine) a trial records its host and pid, and a worker fails and re-enqueues running trials of
-processes on this host that no longer exist. Ctrl-C does the same for the interrupted trial at once.
+stale trials before asking; `RetryHeartbeatStaleTrialCallback` queues them again (``MAX_ATTEMPTS`` in a
+chain). On the default journal file (one machine) a trial records its host and pid, and a worker fails
+and re-queues running trials of processes on this host that no longer exist. Ctrl-C does the same for
+the interrupted trial at once. A worker never leaves while a counted trial still runs elsewhere: that
+worker may be dead, and its retry needs someone to train it.
+
+A retried trial resumes from its own checkpoint: the folder of a trial is keyed by its spec and seed
+(``trials/<spec_key>/seed-<seed>``), not by trial number.
 """
 
 from __future__ import annotations
@@ -21,23 +32,27 @@ import gc
 import json
 import math
 import os
+import random
 import socket
 import statistics
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from moeforge.compiler import ModelSpec, account
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
 from ._spec import SearchSpec, train_config
+
+if TYPE_CHECKING:
+    from moeforge.runtime import Corpus
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -45,11 +60,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]], dict]
 
 MAX_SKIPS = 200  # consecutive proposals that train nothing before the space counts as exhausted
+MAX_ATTEMPTS = 3  # trainings of one spec (first try and retries, for failures and for dead workers)
+POLL_S = 1.0  # how often a waiting worker looks at the study again
+SETTLE_S = 0.5  # after claiming a spec, how long to wait before checking that nobody else claimed it
 HEARTBEAT_ENV = "MOEFORGE_SEARCH_HEARTBEAT_S"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 class TrialFailed(Exception):
-    """A trial that cannot finish (diverged, out of memory); recorded as FAIL and the search goes on."""
+    """A trial that cannot finish; evaluators raise it to give a clean one-line reason."""
 
 
 class SearchStop(Exception):
@@ -66,7 +85,11 @@ def is_rdb(url: str) -> bool:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """A journal file (a path) for one machine, or an RDB URL (``postgresql://...``) with heartbeats."""
+    """A journal file (a path) for one machine, or an RDB URL (``postgresql://...``) with heartbeats.
+
+    Workers that start at the same moment on a fresh database race in Optuna's schema creation (one
+    gets a unique violation on PostgreSQL's type catalog); the loser retries after a random pause.
+    """
     if not is_rdb(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -76,16 +99,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if scheme in ("postgresql", "postgres"):
         url = f"postgresql+psycopg://{rest}"  # psycopg 3 under SQLAlchemy 2
     interval = int(os.environ.get(HEARTBEAT_ENV, "30"))
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={} if scheme.startswith("sqlite") else {"pool_pre_ping": True},
-            heartbeat_interval=interval,
-            grace_period=2 * interval,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
-    except Exception as e:  # noqa: BLE001 - connection errors come in many types
-        raise SearchStop(f"cannot open storage {redact(url)}: {str(e).splitlines()[0]}") from None
+    for attempt in range(8):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={} if scheme.startswith("sqlite") else {"pool_pre_ping": True},
+                heartbeat_interval=interval,
+                grace_period=2 * interval,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_ATTEMPTS - 1
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - connection errors come in many types
+            if _schema_race(e) and attempt < 7:
+                time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
+                continue
+            raise SearchStop(f"cannot open storage {redact(url)}: {str(e).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
+def _schema_race(e: Exception) -> bool:
+    """Another process is creating the same tables right now (IntegrityError / duplicate object)."""
+    text = f"{type(e).__name__} {e}"
+    return any(s in text for s in ("IntegrityError", "UniqueViolation", "already exists", "DuplicateTable"))
 
 
 def redact(url: str) -> str:
@@ -97,10 +133,10 @@ def redact(url: str) -> str:
 
 
 def constraint_names(search: SearchSpec) -> list[str]:
-    """Names of the trial constraints: ``valid_spec`` first, then each limit the search sets."""
+    """Names of the trial constraints: ``valid_spec`` and ``fits_data`` first, then each limit set."""
     c = search.constraints
     limits = ("max_params_total", "max_params_activated", "max_forward_flops_per_token", "max_memory_bytes")
-    return ["valid_spec", *(n for n in limits if getattr(c, n) is not None)]
+    return ["valid_spec", "fits_data", *(n for n in limits if getattr(c, n) is not None)]
 
 
 def _constrain(trial: optuna.Trial, search: SearchSpec, values: list[float]) -> None:
@@ -118,11 +154,19 @@ class _GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(search: SearchSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    search: SearchSpec, worker: int = 0, concurrent: bool = False
+) -> optuna.samplers.BaseSampler:
+    """The search's sampler; worker i uses seed + i (grid: seed; a shared storage salts i per process).
+
+    With concurrent workers TPE uses the constant liar, so running trials count as bad results and
+    workers do not propose the same region at once."""
     s = search.sampler
     seed = s.seed + worker
     if s.kind == "grid":
-        return _GridSampler(grid_space(search), seed=seed)
+        # Not seed + worker: the grid sampler shuffles its grid with the seed and trial k of the study
+        # takes grid point k, so workers with different seeds would cover some points twice and miss others.
+        return _GridSampler(grid_space(search), seed=s.seed)
     if s.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.kind == "gp":
@@ -134,7 +178,9 @@ def make_sampler(search: SearchSpec, worker: int = 0) -> optuna.samplers.BaseSam
     if s.kind == "nsga2":
         pop = min(50, max(4, search.n_trials // 4))
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=s.n_startup_trials, constant_liar=concurrent
+    )
 
 
 def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
@@ -152,15 +198,35 @@ def _comparable(search: SearchSpec) -> dict:
     return search.model_dump(mode="json", exclude={"n_trials", "timeout_s"})
 
 
-def open_study(search: SearchSpec, storage_url: str, study_name: str, worker: int = 0) -> optuna.Study:
-    """Create the study or join it; refuse a study that holds a different search."""
+def data_record(corpus: Corpus) -> dict[str, Any]:
+    """What a study and each trial record about the data they train on."""
+    return {
+        "fingerprint": corpus.fingerprint,
+        "name": corpus.name,
+        "level": corpus.level,
+        "train_tokens": len(corpus.train),
+        "val_tokens": len(corpus.val),
+    }
+
+
+def open_study(
+    search: SearchSpec,
+    storage_url: str,
+    study_name: str,
+    worker: int = 0,
+    *,
+    corpus: Corpus | None = None,
+    concurrent: bool = False,
+) -> optuna.Study:
+    """Create the study or join it; refuse a study that holds a different search or different data."""
     storage = open_storage(storage_url)
+    concurrent = concurrent or is_rdb(storage_url)
     try:
         study = optuna.create_study(
             storage=storage,
             study_name=study_name,
             directions=search.directions,
-            sampler=make_sampler(search, worker),
+            sampler=make_sampler(search, worker, concurrent),
             pruner=make_pruner(search),
             load_if_exists=True,
         )
@@ -169,11 +235,25 @@ def open_study(search: SearchSpec, storage_url: str, study_name: str, worker: in
     held = study.user_attrs.get("search")
     if held is None:
         study.set_user_attr("search", search.model_dump(mode="json"))
+        names = [search.objective.metric] + (["params_total"] if search.objective.params_total else [])
+        study.set_metric_names(names)
     elif _comparable(SearchSpec.model_validate(held)) != _comparable(search):
         raise SearchStop(
             f"study {study_name!r} in {redact(storage_url)} holds a different search; "
             "use another --study or --out, or the same search spec and budget"
         )
+    if corpus is not None:
+        mine = data_record(corpus)
+        data = study.user_attrs.get("data")
+        if data is None:
+            study.set_user_attr("data", mine)
+        elif data["fingerprint"] != mine["fingerprint"]:
+            raise SearchStop(
+                f"study {study_name!r} trains on data with fingerprint {data['fingerprint']} ({data['name']}, "
+                f"{data['train_tokens']:,} + {data['val_tokens']:,} tokens); this machine's data has "
+                f"{mine['fingerprint']} ({mine['name']}, {mine['train_tokens']:,} + {mine['val_tokens']:,} "
+                "tokens): results would not be comparable; give every worker the same data"
+            )
     return study
 
 
@@ -186,63 +266,102 @@ def stored_search(study: optuna.Study) -> SearchSpec:
     return SearchSpec.model_validate(held)
 
 
+def load_search_corpus(search: SearchSpec) -> Corpus:
+    """The search's corpus (`train.data`), loaded without a vocabulary so each spec is checked against it."""
+    from moeforge.runtime import DataError, load_corpus
+
+    try:
+        return load_corpus(search.train.data)
+    except DataError as e:
+        raise SearchStop(f"train.data: {e}") from None
+
+
+def data_problem(search: SearchSpec, spec: ModelSpec, corpus: Corpus) -> str | None:
+    """Why `spec` cannot train on `corpus` (checked before anything is built), or None."""
+    if spec.vocab_size < corpus.min_vocab_size:
+        return (
+            f"vocab_size {spec.vocab_size} is smaller than the data's token range "
+            f"({corpus.min_vocab_size} ids, {corpus.level}-level {corpus.name})"
+        )
+    if len(corpus.val) < spec.seq_len + 1:
+        return (
+            f"seq_len {spec.seq_len} needs {spec.seq_len + 1} validation tokens; the data has "
+            f"{len(corpus.val)}"
+        )
+    if len(corpus.train) < spec.seq_len + 1:
+        return f"seq_len {spec.seq_len} needs {spec.seq_len + 1} training tokens; the data has {len(corpus.train)}"
+    if search.objective.metric == "val_bits_per_byte" and corpus.bytes_per_token is None:
+        return f"val_bits_per_byte needs bytes per token, unknown for {corpus.name}"
+    return None
+
+
 # --------------------------------------------------------------------------------------- counting
 def _died(t: FrozenTrial) -> bool:
-    return t.state == TrialState.FAIL and (
-        "fail_reason" not in t.user_attrs or t.user_attrs.get("died", False)
-    )
+    """Failed because its worker went away (not because training raised)."""
+    return t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") is None
+
+
+def _superseded(t: FrozenTrial) -> bool:
+    """Not the last word on its spec: its worker died, a retry follows it, or it never trained."""
+    ua = t.user_attrs
+    return _died(t) or bool(ua.get("retried") or ua.get("skipped"))
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials that count toward n_trials: they trained (or are training) and their worker did not die."""
+    """Trials that count toward n_trials: they trained (or are training) and are the final attempt."""
     return [
         t
         for t in trials
-        if t.user_attrs.get("counted")
-        and t.state != TrialState.WAITING
-        and not _died(t)
-        and not t.user_attrs.get("skipped")
+        if t.user_attrs.get("counted") and t.state != TrialState.WAITING and not _superseded(t)
     ]
 
 
 # --------------------------------------------------------------------------------------- evaluation
-def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
-    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus."""
+def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None) -> Evaluate:
+    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus.
+
+    A seed whose folder holds a finished run is not trained again (its summary is returned); one that
+    holds a checkpoint resumes from it.
+    """
+    import dataclasses
+
     import torch
     from moeforge.compiler import build
-    from moeforge.runtime import Diverged, OutOfMemory, load_corpus, train
+    from moeforge.runtime import find_checkpoint, train
 
     dev = device or search.train.device
     if search.train.cpu_threads:
         torch.set_num_threads(search.train.cpu_threads)
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-    corpora: dict[int, Any] = {}
-    s = search.train
 
     def evaluate(
         spec: ModelSpec, seed: int, budget: float, out_dir: Path, on_eval: Callable[[float, dict], None]
     ) -> dict:
-        if spec.vocab_size not in corpora:
-            corpora[spec.vocab_size] = load_corpus(s.data, vocab_size=spec.vocab_size)
+        done = _finished_summary(out_dir, budget)
+        if done is not None:
+            for k in range(1, search.train.eval_points + 1):
+                on_eval(k / search.train.eval_points, {"val_loss": done["final_val_loss"]})
+            return done
+        resume = find_checkpoint(out_dir / "checkpoint") is not None
+        if not resume:  # a run that stopped before its first checkpoint starts over
+            for name in ("summary.json", "metrics.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
         model = None
         try:
             model = build(spec, device=dev, seed=seed)
-            cfg = train_config(search, budget_flops=budget, seed=seed, device=dev)
             return train(
                 model,
                 seq_len=spec.seq_len,
                 train_flops_per_token=account(spec).train_flops_per_token,
-                corpus=corpora[spec.vocab_size],
-                cfg=cfg,
+                corpus=dataclasses.replace(corpus, vocab_size=spec.vocab_size),
+                cfg=train_config(search, budget_flops=budget, seed=seed, device=dev),
                 out_dir=out_dir,
+                resume=resume,
                 on_eval=on_eval,
                 progress=False,
                 extra_summary={"spec_name": spec.name},
             )
-        except (Diverged, OutOfMemory, torch.cuda.OutOfMemoryError) as e:
-            kind = "diverged" if isinstance(e, Diverged) else "out of memory"
-            raise TrialFailed(f"{kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         finally:
             del model
             gc.collect()
@@ -252,36 +371,15 @@ def real_evaluator(search: SearchSpec, device: str | None = None) -> Evaluate:
     return evaluate
 
 
-def fake_evaluator(seconds: float, eval_points: int = 4) -> Evaluate:
-    """A fast stand-in for training (tests, dry runs): a smooth loss of the spec's shape, `seconds` long.
-
-    Lower for larger m and one shared expert, so searches have something to find. A spec named
-    ``diverge`` raises TrialFailed like a diverged run.
-    """
-
-    def evaluate(
-        spec: ModelSpec, seed: int, budget: float, out_dir: Path, on_eval: Callable[[float, dict], None]
-    ) -> dict:
-        if spec.name == "diverge":
-            raise TrialFailed("diverged: loss is nan (fake)")
-        d = spec.moe_derived
-        m, ks = (d.m or 1, d.shared_experts) if d else (1, 0)
-        final = 2.0 + 0.3 / math.sqrt(m) + 0.05 * abs(ks - 1) + 0.1 / spec.n_layers + 0.001 * seed
-        tokens = int(budget // account(spec).train_flops_per_token)
-        for k in range(1, eval_points + 1):
-            time.sleep(seconds / eval_points)
-            on_eval(k / eval_points, {"val_loss": final + (eval_points - k) * 0.5})
-        return {
-            "initial_val_loss": 5.5,
-            "final_val_loss": final,
-            "val_bits_per_byte": final / math.log(2),
-            "tokens": tokens,
-            "train_flops": tokens * account(spec).train_flops_per_token,
-            "budget_flops": budget,
-            "tokens_per_second": tokens / max(seconds, 1e-9),
-        }
-
-    return evaluate
+def _finished_summary(out_dir: Path, budget: float) -> dict | None:
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, OSError):
+        s = json.loads(path.read_text())
+        if s.get("status") == "completed" and s.get("budget_flops") == budget:
+            return s
+    return None
 
 
 # -------------------------------------------------------------------------------------- worker loop
@@ -290,31 +388,40 @@ class WorkerOptions:
     run_dir: Path
     worker: int = 0
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    corpus: Corpus | None = None
+    """The data every trial trains on: proposals it cannot serve are infeasible; trials record it."""
+    poll_s: float = POLL_S
+    settle_s: float = SETTLE_S
+    _waiting_said: set = field(default_factory=set)
 
 
-def _heartbeats(storage: optuna.storages.BaseStorage) -> bool:
-    # RDB storage comes wrapped in optuna's cache, which is a BaseHeartbeat too.
+def _heartbeats(study: optuna.Study) -> bool:
+    # Optuna has no public API for heartbeats outside study.optimize (which this ask/tell loop cannot
+    # use: it checks constraints and dedups before training); these are the calls optimize makes.
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = study._storage
     return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
 
 
 class _Heartbeat:
     """Record heartbeats for a running trial in a thread (study.optimize does this; ask/tell does not)."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
-        self.enabled = _heartbeats(storage)
-        self.storage, self.trial_id = storage, trial_id
+    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+        self.enabled = _heartbeats(study)
+        self.storage, self.trial_id = study._storage, trial._trial_id
         self.stop = threading.Event()
 
     def __enter__(self) -> _Heartbeat:
         if self.enabled:
-            assert isinstance(self.storage, BaseHeartbeat)
-            interval = self.storage.get_heartbeat_interval() or 30
-            self.storage.record_heartbeat(self.trial_id)
+            storage: Any = self.storage
+            interval = storage.get_heartbeat_interval() or 30
+            storage.record_heartbeat(self.trial_id)
 
             def beat() -> None:
                 while not self.stop.wait(interval):
                     with contextlib.suppress(Exception):  # a missed beat is retried next interval
-                        self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+                        storage.record_heartbeat(self.trial_id)
 
             self.thread = threading.Thread(target=beat, daemon=True)
             self.thread.start()
@@ -335,44 +442,50 @@ def _alive(pid: int) -> bool:
 
 
 def reap_dead(study: optuna.Study) -> list[int]:
-    """Fail and re-enqueue running trials whose worker is gone; returns their numbers."""
-    if _heartbeats(study._storage):
-        return _fail_stale(study)
+    """Fail and re-queue running trials whose worker is gone; returns their numbers."""
+    if _heartbeats(study):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        return sorted(before & failed)
     host = socket.gethostname()
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == host and pid and pid != os.getpid() and not _alive(pid):
-            _fail_and_retry(study, t, "worker died")
+        if not isinstance(pid, int) or pid == os.getpid() or t.user_attrs.get("host") != host:
+            continue
+        if not _alive(pid) and _fail_and_retry(study, t):
             out.append(t.number)
     return out
 
 
-def _fail_stale(study: optuna.Study) -> list[int]:
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
-    failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    return sorted(before & failed)
-
-
-def _fail_and_retry(study: optuna.Study, t: FrozenTrial | optuna.Trial, why: str) -> None:
-    storage = study._storage
-    trial_id = t._trial_id
-    storage.set_trial_user_attr(trial_id, "died", why)
+def _fail_and_retry(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> bool:
+    """Fail a trial whose worker is gone (or was interrupted) and queue it again, up to MAX_ATTEMPTS."""
     try:
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
     except Exception:  # noqa: BLE001 - someone else finished or failed it first
-        return
-    params = t.params
-    study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+        return False
+    history = [*t.user_attrs.get("retry_history", []), t.number]
+    if len(history) < MAX_ATTEMPTS:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_history": history})
+    return True
+
+
+def _fresh_attrs(trial: optuna.Trial, opts: WorkerOptions) -> None:
+    # A retry is queued with the attrs of the trial it retries (Optuna's stale-trial callback copies
+    # them); the decisions of that attempt do not carry over.
+    for k in ("counted", "claim", "reused_from", "infeasible", "fail_reason", "fail_kind", "retried"):
+        if k in trial.user_attrs:
+            trial.set_user_attr(k, None if k != "counted" and k != "claim" else False)
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("worker", opts.worker)
 
 
 def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts: WorkerOptions) -> int:
     """Propose, check and train trials until the cap, the timeout, or an exhausted space; returns trials trained."""
     cap = search.n_trials
     deadline = time.monotonic() + search.timeout_s if search.timeout_s else math.inf
-    metric = search.objective.metric
-    n_cons = len(constraint_names(search))
     prefix = f"[w{opts.worker}]"
     skips = trained = 0
     sampler = study.sampler
@@ -382,90 +495,202 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
             break
         for n in reap_dead(study):
             opts.log(f"{prefix} trial {n}: its worker died; failed and queued again")
-        if len(counted(study.get_trials(deepcopy=False))) >= cap:
-            break
-        if skips >= MAX_SKIPS or (
-            isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
-        ):
-            opts.log(f"{prefix} the space is exhausted: no new feasible spec in the last proposals")
-            break
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        full = len(counted(trials)) >= cap
+        exhausted = not waiting and (
+            skips >= MAX_SKIPS
+            or (isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study))
+        )
+        if full or exhausted:
+            # Stay while a trial runs elsewhere: its worker may be dead, and then its retry needs us.
+            running = [t.number for t in trials if t.state == TrialState.RUNNING]
+            if not running:
+                if exhausted and not full:
+                    opts.log(f"{prefix} the space is exhausted: no new feasible spec in the last proposals")
+                break
+            _say_once(opts, f"{prefix} waiting for running trials {running} before leaving")
+            time.sleep(opts.poll_s)
+            continue
         trial = study.ask()
-        if _heartbeats(study._storage):  # from the start, so a worker killed right now is found stale
-            study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("worker", opts.worker)
-        params = suggest(trial, search)
-        label = ", ".join(f"{k}={v}" for k, v in params.items())
-        # ---- analytic checks: nothing is built before these pass
-        try:
-            spec = trial_to_spec(search, params)
-        except Infeasible as e:
-            _constrain(trial, search, [1.0] + [0.0] * (n_cons - 1))
-            trial.set_user_attr("infeasible", str(e))
-            study.tell(trial, state=TrialState.PRUNED)
-            opts.log(f"{prefix} trial {trial.number} ({label}): infeasible, {e}")
-            skips += 1
+        with _Heartbeat(study, trial):  # from the start, so a worker killed at any point is found stale
+            try:
+                outcome = _run_trial(search, study, trial, evaluate, opts)
+            except KeyboardInterrupt:
+                trial.set_user_attr("died", "interrupted")
+                _fail_and_retry(study, trial)
+                opts.log(f"{prefix} trial {trial.number}: interrupted; it runs again when the search resumes")
+                raise
+        if outcome == "trained":
+            trained += 1
+            skips = 0
+            _log_best(study, prefix, opts.log)
+        elif outcome == "full":
             continue
-        cons = [0.0, *constraint_values(search, spec)]
-        _constrain(trial, search, cons)
-        for k, v in describe(spec).items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("spec", spec.model_dump(mode="json"))
-        key = spec_key(spec)
-        trial.set_user_attr("spec_key", key)
-        if any(c > 0 for c in cons):
-            why = _violations(search, cons)
-            trial.set_user_attr("infeasible", why)
-            study.tell(trial, state=TrialState.PRUNED)
-            opts.log(f"{prefix} trial {trial.number} ({label}): infeasible, {why}")
-            skips += 1
-            continue
-        earlier = _same_spec(study, key, trial.number)
-        if earlier is not None:
-            trial.set_user_attr("reused_from", earlier.number)
-            for k in (
-                "fail_reason",
-                "train_flops",
-                "budget_flops",
-                "tokens",
-                "value_mean",
-                "value_std",
-                "seed_values",
-            ):
-                if k in earlier.user_attrs:
-                    trial.set_user_attr(k, earlier.user_attrs[k])
-            if earlier.state == TrialState.COMPLETE:
-                study.tell(trial, earlier.values)
-            else:
-                study.tell(trial, state=earlier.state)
-            opts.log(
-                f"{prefix} trial {trial.number} ({label}): same spec as trial {earlier.number}, result reused"
-            )
-            skips += 1
-            continue
-        trial.set_user_attr("counted", True)
-        ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
-        if len(ahead) >= cap:  # other workers filled the cap since we looked
-            trial.set_user_attr("skipped", "n_trials reached by other workers")
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        skips = 0
-        # ---- train, once per seed
-        try:
-            with _Heartbeat(study._storage, trial._trial_id):
-                state, values = _train_trial(search, spec, trial, evaluate, opts, label, metric)
-        except KeyboardInterrupt:
-            _fail_and_retry(study, trial, "interrupted")
-            opts.log(f"{prefix} trial {trial.number}: interrupted; it runs again when the search resumes")
-            raise
-        trained += 1
-        if state == TrialState.COMPLETE:
-            study.tell(trial, values)
         else:
-            study.tell(trial, state=state)
-        _log_best(study, prefix, opts.log)
+            skips += 1
     return trained
+
+
+def _say_once(opts: WorkerOptions, line: str) -> None:
+    if line not in opts._waiting_said:
+        opts._waiting_said.add(line)
+        opts.log(line)
+
+
+def _run_trial(
+    search: SearchSpec, study: optuna.Study, trial: optuna.Trial, evaluate: Evaluate, opts: WorkerOptions
+) -> str:
+    """One asked trial to its end; returns "trained", "skipped" (told without training) or "full"."""
+    prefix = f"[w{opts.worker}]"
+    _fresh_attrs(trial, opts)
+    params = suggest(trial, search)
+    label = ", ".join(f"{k}={v}" for k, v in params.items())
+    n_cons = len(constraint_names(search))
+
+    def infeasible(why: str, cons: list[float]) -> str:
+        _constrain(trial, search, cons)
+        trial.set_user_attr("infeasible", why)
+        study.tell(trial, state=TrialState.PRUNED)
+        opts.log(f"{prefix} trial {trial.number} ({label}): infeasible, {why}")
+        return "skipped"
+
+    # ---- analytic and data checks: nothing is built before these pass
+    try:
+        spec = trial_to_spec(search, params)
+    except Infeasible as e:
+        return infeasible(str(e), [1.0] + [0.0] * (n_cons - 1))
+    for k, v in describe(spec).items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("spec", spec.model_dump(mode="json"))
+    key = spec_key(spec)
+    trial.set_user_attr("spec_key", key)
+    limits = constraint_values(search, spec)
+    data_why = data_problem(search, spec, opts.corpus) if opts.corpus is not None else None
+    cons = [0.0, 1.0 if data_why else 0.0, *limits]
+    if data_why:
+        return infeasible(f"does not fit the data: {data_why}", cons)
+    if any(c > 0 for c in limits):
+        return infeasible(_violations(search, limits), cons)
+    _constrain(trial, search, cons)
+    if opts.corpus is not None:
+        trial.set_user_attr("data_fingerprint", opts.corpus.fingerprint)
+
+    # ---- one trainer per spec, across workers
+    earlier = _claim(study, trial, key, opts)
+    if earlier is not None:
+        _reuse(study, trial, earlier)
+        opts.log(
+            f"{prefix} trial {trial.number} ({label}): same spec as trial {earlier.number}, result reused"
+        )
+        return "skipped"
+    trial.set_user_attr("counted", True)
+    ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+    if len(ahead) >= search.n_trials:  # other workers filled the cap since we looked
+        trial.set_user_attr("skipped", "n_trials reached by other workers")
+        study.tell(trial, state=TrialState.FAIL)
+        return "full"
+
+    # ---- train, once per seed
+    state, values = _train_trial(search, spec, trial, evaluate, opts, label)
+    if state == TrialState.FAIL:
+        _maybe_retry(study, trial, key, opts)
+    study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+    return "trained"
+
+
+def _same_key(study: optuna.Study, key: str, number: int) -> list[FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number != number
+        and t.user_attrs.get("spec_key") == key
+        and not t.user_attrs.get("infeasible")
+        and t.user_attrs.get("reused_from") is None
+    ]
+
+
+def _claim(study: optuna.Study, trial: optuna.Trial, key: str, opts: WorkerOptions) -> FrozenTrial | None:
+    """Decide who trains spec `key`: returns the finished trial whose result this one reuses (after
+    waiting for a trial that trains it right now), or None when this trial trains it.
+
+    A trial claims a spec (user attr ``claim``) after seeing no other claim, then looks again after
+    `settle_s`; of two that claimed at once, the higher number yields. A claimant whose worker died is
+    failed by `reap_dead` and stops counting, so the spec is claimed again.
+    """
+    prefix = f"[w{opts.worker}]"
+    while True:
+        others = _same_key(study, key, trial.number)
+        done = [t for t in others if t.state in FINISHED and not _superseded(t)]
+        if done:
+            return min(done, key=lambda t: t.number)
+        claims = [t for t in others if t.state == TrialState.RUNNING and t.user_attrs.get("claim")]
+        if not claims:
+            trial.set_user_attr("claim", True)
+            if not any(
+                t.state == TrialState.RUNNING
+                for t in study.get_trials(deepcopy=False)
+                if t.number != trial.number
+            ):
+                return None  # nobody else is running anything: no race to settle
+            time.sleep(opts.settle_s)
+            rivals = [
+                t
+                for t in _same_key(study, key, trial.number)
+                if t.state == TrialState.RUNNING and t.user_attrs.get("claim") and t.number < trial.number
+            ]
+            if not rivals:
+                return None
+            trial.set_user_attr("claim", False)
+            claims = rivals
+        _say_once(
+            opts,
+            f"{prefix} trial {trial.number}: same spec as running trial {claims[0].number}; waiting for it",
+        )
+        time.sleep(opts.poll_s)
+        for n in reap_dead(study):
+            opts.log(f"{prefix} trial {n}: its worker died; failed and queued again")
+
+
+def _reuse(study: optuna.Study, trial: optuna.Trial, earlier: FrozenTrial) -> None:
+    trial.set_user_attr("reused_from", earlier.number)
+    for k in (
+        "fail_reason",
+        "fail_kind",
+        "train_flops",
+        "budget_flops",
+        "tokens",
+        "value_mean",
+        "value_std",
+        "seed_values",
+    ):
+        if k in earlier.user_attrs:
+            trial.set_user_attr(k, earlier.user_attrs[k])
+    if earlier.state == TrialState.COMPLETE:
+        study.tell(trial, earlier.values)
+    else:
+        study.tell(trial, state=earlier.state)
+
+
+def _maybe_retry(study: optuna.Study, trial: optuna.Trial, key: str, opts: WorkerOptions) -> None:
+    """Queue a failed trial again unless its spec failed the same way before or ran out of attempts."""
+    kind = trial.user_attrs.get("fail_kind")
+    before = [t for t in _same_key(study, key, trial.number) if t.state == TrialState.FAIL and not _died(t)]
+    prefix = f"[w{opts.worker}]"
+    if any(t.user_attrs.get("fail_kind") == kind for t in before):
+        opts.log(f"{prefix} trial {trial.number}: failed the same way twice ({kind}); not retried")
+        return
+    if len(before) + 1 >= MAX_ATTEMPTS:
+        opts.log(f"{prefix} trial {trial.number}: {MAX_ATTEMPTS} failed attempts; not retried")
+        return
+    trial.set_user_attr("retried", True)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    opts.log(f"{prefix} trial {trial.number}: queued again (a second failure of the same kind is final)")
+
+
+def trial_dir(run_dir: Path, key: str) -> Path:
+    """A spec's folder in the run dir: one sub-folder per seed, shared by every attempt at that spec."""
+    return run_dir / "trials" / key
 
 
 def _train_trial(
@@ -475,17 +700,18 @@ def _train_trial(
     evaluate: Evaluate,
     opts: WorkerOptions,
     label: str,
-    metric: str,
 ) -> tuple[TrialState, list[float] | None]:
     prefix = f"[w{opts.worker}]"
+    metric = search.objective.metric
     budget = search.budget.train_flops
     prune = search.pruner.kind != "none"
     eval_points = search.train.eval_points
     values: list[float] = []
     summaries: list[dict] = []
-    trial_dir = opts.run_dir / "trials" / f"{trial.number:04d}"
+    folder = trial_dir(opts.run_dir, trial.user_attrs["spec_key"])
+    trial.set_user_attr("trial_dir", str(folder.relative_to(opts.run_dir)))
     for i, seed in enumerate(search.seeds):
-        out_dir = trial_dir / f"seed-{seed}" if len(search.seeds) > 1 else trial_dir
+        out_dir = folder / f"seed-{seed}"
 
         def on_eval(fraction: float, metrics: dict, seed: int = seed, first: bool = i == 0) -> None:
             value = metrics.get(metric, metrics.get("val_loss"))
@@ -502,13 +728,20 @@ def _train_trial(
         except optuna.TrialPruned:
             opts.log(f"{prefix} trial {trial.number} ({label}): pruned")
             return TrialState.PRUNED, None
-        except TrialFailed as e:
-            trial.set_user_attr("fail_reason", str(e))
-            opts.log(f"{prefix} trial {trial.number} ({label}): FAILED, {e}")
+        except Exception as e:  # noqa: BLE001 - any failure of one trial is data, not a crash
+            reason = _one_line(e)
+            folder.mkdir(parents=True, exist_ok=True)
+            tb = folder / f"trial-{trial.number}.traceback.txt"
+            tb.write_text(f"trial {trial.number} seed {seed} ({label})\n{traceback.format_exc()}")
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("fail_kind", type(e).__name__)
+            trial.set_user_attr("traceback", str(tb.relative_to(opts.run_dir)))
+            opts.log(f"{prefix} trial {trial.number} ({label}): FAILED, {reason} (traceback: {tb})")
             return TrialState.FAIL, None
         value = summary.get("final_val_loss") if metric == "val_loss" else summary.get("val_bits_per_byte")
         if value is None or not math.isfinite(value):
             trial.set_user_attr("fail_reason", f"no finite {metric} in the trainer's summary")
+            trial.set_user_attr("fail_kind", "NoMetric")
             return TrialState.FAIL, None
         values.append(float(value))
         summaries.append(summary)
@@ -540,29 +773,19 @@ def _train_trial(
     return TrialState.COMPLETE, out
 
 
-def _violations(search: SearchSpec, cons: list[float]) -> str:
-    c = search.constraints
-    names = [
-        n
-        for n, v in (
-            ("max_params_total", c.max_params_total),
-            ("max_params_activated", c.max_params_activated),
-            ("max_forward_flops_per_token", c.max_forward_flops_per_token),
-            ("max_memory_bytes", c.max_memory_bytes),
-        )
-        if v is not None
-    ]
-    return ", ".join(f"{n} exceeded by {v:.1%}" for n, v in zip(names, cons[1:], strict=True) if v > 0)
+def _one_line(e: BaseException) -> str:
+    """A failure as one line: the evaluator's own words for TrialFailed, else the type and first line."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, TrialFailed):
+        return text or "failed"
+    names = {"Diverged": "diverged", "OutOfMemory": "out of memory", "OutOfMemoryError": "out of memory"}
+    kind = names.get(type(e).__name__, type(e).__name__)
+    return f"{kind}: {text}" if text else kind
 
 
-def _same_spec(study: optuna.Study, key: str, number: int) -> FrozenTrial | None:
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    for t in study.get_trials(deepcopy=False, states=finished):
-        if t.number < number and t.user_attrs.get("spec_key") == key and not t.user_attrs.get("infeasible"):
-            if t.state == TrialState.FAIL and _died(t) or t.user_attrs.get("skipped"):
-                continue
-            return t
-    return None
+def _violations(search: SearchSpec, limits: list[float]) -> str:
+    names = constraint_names(search)[2:]
+    return ", ".join(f"{n} exceeded by {v:.1%}" for n, v in zip(names, limits, strict=True) if v > 0)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -570,7 +793,7 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "reused_from" not in t.user_attrs
+        if t.user_attrs.get("reused_from") is None
     ]
     return min(done, key=lambda t: t.values[0]) if done else None
 

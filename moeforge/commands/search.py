@@ -43,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--study", metavar="NAME", help="study name (default the search's name)")
     p.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)"
+        "--workers",
+        default="auto",
+        metavar="N",
+        help="worker processes on this machine (default auto: one per GPU, or on CPU the cores divided by "
+        "train.cpu_threads; never more than the trials)",
     )
     p.add_argument(
         "--trials", type=int, metavar="N", help="trials to train, across all workers (overrides n_trials)"
@@ -60,7 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="leaderboard: every column, full names, even wider than the terminal",
     )
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--fake-objective", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 
@@ -82,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
         if args.run_dir_arg:
             print(f"moeforge search: unexpected argument {args.run_dir_arg!r}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if args.workers < 1 or (args.trials is not None and args.trials < 1):
-            print("moeforge search: --workers and --trials must be >= 1", file=sys.stderr)
+        workers = None if args.workers == "auto" else _positive_int(args.workers)
+        if workers == 0 or (args.trials is not None and args.trials < 1):
+            print("moeforge search: --workers (a number or auto) and --trials must be >= 1", file=sys.stderr)
             return EXIT_BAD_INPUT
         if args.budget_flops is not None and not args.budget_flops > 0:
             print("moeforge search: --budget-flops must be > 0", file=sys.stderr)
@@ -100,15 +104,7 @@ def run(args: argparse.Namespace) -> int:
             update["train"] = search.train.model_copy(update={"device": args.device})
         search = search.model_copy(update=update)
         run_dir = Path(args.out or f"runs/search-{search.name}")
-        cfg = RunConfig(
-            run_dir,
-            args.storage,
-            args.study,
-            args.workers,
-            args.device,
-            args.fake_objective,
-            not args.no_plots,
-        )
+        cfg = RunConfig(run_dir, args.storage, args.study, workers, args.device, not args.no_plots)
         try:
             summary = run_search(search, cfg)
         except KeyboardInterrupt:
@@ -126,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             render(records, search, wide=args.wide)
             files = "best.yaml, trials.json, trials.csv" + ("" if args.no_plots else ", plots/")
             print(f"results: {run_dir}/ ({files})")
-        return EXIT_FAIL if summary.get("worker_errors") else 0
+        return _exit_status(summary)
     except SearchStop as e:
         print(f"moeforge search: {e}", file=sys.stderr)
         return EXIT_FAIL
@@ -135,11 +131,36 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
 
+def _positive_int(text: str) -> int:
+    try:
+        return max(0, int(text))
+    except ValueError:
+        return 0
+
+
+def _exit_status(summary: dict) -> int:
+    """0 when the search ran (failed trials are results too), 1 when no trial completed."""
+    from moeforge.cli import EXIT_FAIL
+
+    failed, complete = summary["failed"], summary["complete"]
+    if failed:
+        print(
+            f"{failed} trial(s) failed: see fail_reason in trials.json and the tracebacks in the trial folders",
+            file=sys.stderr,
+        )
+    if summary.get("worker_errors"):
+        print(f"worker exit statuses {summary['worker_errors']}", file=sys.stderr)
+    if not complete:
+        print("no trial completed", file=sys.stderr)
+        return EXIT_FAIL
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from moeforge.search import RunConfig, run_one_worker
 
     run_dir = Path(args.out)
-    cfg = RunConfig(run_dir, args.storage, args.study, 1, args.device, args.fake_objective)
+    cfg = RunConfig(run_dir, args.storage, args.study, 1, args.device)
     try:
         run_one_worker(run_dir, args.storage, args.study, args.worker, cfg)
     except KeyboardInterrupt:

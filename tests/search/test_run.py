@@ -1,23 +1,23 @@
 """The worker loop: infeasible proposals are not trained and not counted, repeats reuse results,
-the trial cap is global, failures are recorded, and real training meets its FLOPs budget."""
+the trial cap is global, any failure is recorded and retried once, data-dependent infeasibility, resume
+from a trial's own checkpoint, and real training meets its FLOPs budget."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import moeforge.search._run as run_mod
 import optuna
 import pytest
+from fakes import command, fake_evaluator
 from moeforge.search import (
     RunConfig,
     TrialFailed,
     WorkerOptions,
     counted,
-    fake_evaluator,
+    load_search_corpus,
     make_sampler,
     run_search,
     run_worker,
@@ -77,21 +77,61 @@ def test_repeated_spec_reuses_result(make_search, tmp_path, monkeypatch):
         assert t.params == orig.params and t.values == orig.values and not t.user_attrs.get("counted")
 
 
-def test_failed_training_is_recorded_and_the_search_goes_on(make_search, tmp_path):
+class _Kernel(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (TrialFailed("diverged: loss is nan"), "TrialFailed"),
+        (_Kernel("CUDA error: an illegal memory access was encountered\nmore lines"), "_Kernel"),
+        (KeyError("a bug"), "KeyError"),
+    ],
+)
+def test_any_failure_is_recorded_retried_once_and_the_search_goes_on(make_search, tmp_path, error, kind):
     s = make_search(n_trials=4)
     study = _study(s)
     good = fake_evaluator(0)
+    calls = []
 
     def evaluate(spec, seed, budget, out_dir, on_eval):
+        calls.append(spec.moe_derived.m)
         if spec.moe_derived.m == 2:
-            raise TrialFailed("diverged: loss is nan")
+            raise error
         return good(spec, seed, budget, out_dir, on_eval)
 
     run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=lambda _: None))
-    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
-    assert failed and all(t.user_attrs["fail_reason"].startswith("diverged") for t in failed)
-    assert len(counted(study.get_trials())) == 4
-    assert any(t.state == TrialState.COMPLETE for t in study.get_trials())
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    # each m=2 spec failed twice the same way: tried, retried once, then given up
+    assert len(failed) == 2 * len({t.user_attrs["spec_key"] for t in failed})
+    for t in failed:
+        reason = t.user_attrs["fail_reason"]
+        assert "\n" not in reason and t.user_attrs["fail_kind"] == kind
+        tb = tmp_path / t.user_attrs["traceback"]
+        assert tb.is_file() and "Traceback" in tb.read_text()
+        assert tb.parent == tmp_path / "trials" / t.user_attrs["spec_key"]
+    retried = [t for t in failed if t.user_attrs.get("retried")]
+    assert len(retried) == len(failed) // 2
+    assert all(any(o.user_attrs.get("retry_of") == t.number for o in trials) for t in retried)
+    # exactly n_trials count: the final attempt of each spec, failed or not
+    assert len(counted(trials)) == 4
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_a_different_failure_is_retried_again(make_search, tmp_path):
+    s = make_search("  granularity: [2]", n_trials=1)
+    study = _study(s)
+    errors = [RuntimeError("first"), MemoryError("second"), ValueError("third")]
+
+    def evaluate(spec, seed, budget, out_dir, on_eval):
+        raise errors.pop(0)
+
+    run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=lambda _: None))
+    kinds = [t.user_attrs["fail_kind"] for t in study.get_trials()]
+    assert kinds == ["RuntimeError", "MemoryError", "ValueError"][: run_mod.MAX_ATTEMPTS]
+    assert len(counted(study.get_trials())) == 1
 
 
 def test_seeds_mean_and_spread(make_search, tmp_path):
@@ -130,7 +170,7 @@ def test_real_training_meets_budget(make_search, tmp_path):
     )
     out = run_search(s, RunConfig(tmp_path / "run", plots=False), log=lambda _: None)
     records = json.loads((tmp_path / "run" / "trials.json").read_text())
-    done = [r for r in records if r["state"] == "COMPLETE"]
+    done = [r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None]
     assert len(done) == 2 == out["complete"]
     for r in done:
         assert abs(r["train_flops"] / r["budget_flops"] - 1) < 0.01
@@ -144,53 +184,134 @@ def test_real_training_meets_budget(make_search, tmp_path):
     assert account(best).params_total == min(done, key=lambda r: r["value"])["params_total"]
 
 
-def _count_done(journal: Path) -> int:
+def _load(run_dir: Path, name: str = "t") -> optuna.Study:
     from moeforge.search import open_storage
 
+    return optuna.load_study(study_name=name, storage=open_storage(str(run_dir / "study.journal")))
+
+
+def _count_done(run_dir: Path) -> int:
     try:
-        study = optuna.load_study(study_name="t", storage=open_storage(str(journal)))
+        return sum(t.state == TrialState.COMPLETE for t in _load(run_dir).get_trials())
     except Exception:
         return 0
-    return sum(t.state == TrialState.COMPLETE for t in study.get_trials())
 
 
 @pytest.mark.slow
 def test_resume_after_kill(make_search, tmp_path):
-    spec_path = tmp_path / "t.yaml"
     make_search(n_trials=4)  # writes t.yaml
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "moeforge",
-        "search",
-        str(spec_path),
-        "--out",
-        str(run_dir),
-        "--no-plots",
-        "--fake-objective",
-        "0.8",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    cmd = command(tmp_path / "t.yaml", run_dir, 0.8)
+    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while _count_done(run_dir / "study.journal") < 2 and time.time() < deadline:
+    while _count_done(run_dir) < 2 and time.time() < deadline:
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    from moeforge.search import open_storage
-
-    study = optuna.load_study(study_name="t", storage=open_storage(str(run_dir / "study.journal")))
+    study = _load(run_dir)
     first = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}
     cut = [t.number for t in study.get_trials() if t.state == TrialState.RUNNING]
-    assert 2 <= len(first) < 4
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert 2 <= len(first) < 4 and cut
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    records = json.loads((run_dir / "trials.json").read_text())
-    assert sum(rec["counted"] and rec["state"] != "FAIL" for rec in records) == 4
-    done = {rec["number"]: rec["values"] for rec in records if rec["state"] == "COMPLETE"}
+    trials = _load(run_dir).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len(counted(trials)) == 4 and all(t.state == TrialState.COMPLETE for t in counted(trials))
+    done = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
     assert all(done[n] == v for n, v in first.items())  # finished trials kept as they were
-    died = [rec for rec in records if rec["died"]]
-    assert [rec["number"] for rec in died] == cut
-    for rec in died:  # a trial cut off by the kill is failed and queued again with its params
-        assert any(o["retry_of"] == rec["number"] and o["params"] == rec["params"] for o in records)
+    by_number = {t.number: t for t in trials}
+    for n in cut:  # a trial cut off by the kill is failed and queued again with its params
+        assert by_number[n].state == TrialState.FAIL
+        assert any(t.user_attrs.get("retry_of") == n and t.params == by_number[n].params for t in trials)
+
+
+def test_data_dependent_infeasibility_trains_nothing(make_search, tmp_path):
+    """A vocabulary below the data's token range and a seq_len the validation split cannot fill are
+    infeasible before anything is built (the first used to escape as a DataError traceback)."""
+    text = tmp_path / "small.txt"
+    text.write_bytes(bytes(range(256)) * 12)  # 3072 bytes: 1536 validation tokens (half, at most)
+    s = make_search(
+        "  params:\n    vocab_size: {categorical: [64, 256]}\n    seq_len: {categorical: [128, 2048]}",
+        n_trials=2,  # more than the one feasible point: the grid is walked to its end
+        extra=f"train: {{data: {text}}}",
+    )
+    corpus = load_search_corpus(s)
+    study = _study(s)
+    evaluate, calls = _counting(fake_evaluator(0))
+    run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=lambda _: None, corpus=corpus))
+    assert len(calls) == 1 and (calls[0][0].vocab_size, calls[0][0].seq_len) == (256, 128)
+    why = {
+        (t.params["vocab_size"], t.params["seq_len"]): t.user_attrs.get("infeasible")
+        for t in study.get_trials()
+    }
+    assert "vocab_size 64 is smaller than the data's token range (256 ids" in why[(64, 128)]
+    assert "seq_len 2048 needs 2049 validation tokens; the data has 1536" in why[(256, 2048)]
+    for t in study.get_trials():
+        if t.user_attrs.get("infeasible"):
+            assert (
+                t.state == TrialState.PRUNED
+                and t.constraints["fits_data"] > 0
+                and not t.user_attrs.get("counted")
+            )
+    trained = next(t for t in study.get_trials() if t.state == TrialState.COMPLETE)
+    assert trained.user_attrs["data_fingerprint"] == corpus.fingerprint
+
+
+@pytest.mark.slow
+def test_interrupted_trial_resumes_from_its_own_checkpoint(make_search, tmp_path):
+    """Real training: a trial interrupted half-way is retried from its checkpoint (not from step 0) and
+    ends exactly where an uninterrupted run of the same spec and seed ends."""
+    train = "train: {device: cpu, batch_size: 2, eval_points: 4, cpu_threads: 1, options: {eval_tokens: 512, checkpoint_every_s: 0.0}}"
+    s = make_search("  granularity: [2]", budget="4.0e+9", n_trials=1, extra=train)
+    corpus = load_search_corpus(s)
+    real = run_mod.real_evaluator(s, corpus, "cpu")
+    cut = []
+
+    def interrupted(spec, seed, budget, out_dir, on_eval):
+        def stop_half_way(fraction, metrics):
+            if fraction >= 0.5 and not cut:
+                cut.append(fraction)
+                raise KeyboardInterrupt
+            on_eval(fraction, metrics)
+
+        return real(spec, seed, budget, out_dir, stop_half_way)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(s, RunConfig(tmp_path / "run", plots=False), evaluate=interrupted, log=lambda _: None)
+    out = run_search(s, RunConfig(tmp_path / "run", plots=False), evaluate=real, log=lambda _: None)
+    assert out["complete"] == 1
+    trials = _load(tmp_path / "run").get_trials()
+    first, retry = trials[0], trials[-1]
+    assert first.state == TrialState.FAIL and first.user_attrs["died"] == "interrupted"
+    assert retry.user_attrs["retry_of"] == first.number and retry.state == TrialState.COMPLETE
+    summary = json.loads(
+        (tmp_path / "run" / retry.user_attrs["trial_dir"] / "seed-0" / "summary.json").read_text()
+    )
+    assert len(summary["segments"]) == 2  # resumed, not started over
+    whole = run_search(s, RunConfig(tmp_path / "whole", plots=False), evaluate=real, log=lambda _: None)
+    assert retry.values[0] == pytest.approx(whole["best"]["value"], abs=1e-6)
+    assert summary["tokens"] == whole["best"]["tokens"]
+
+
+@pytest.mark.slow
+def test_two_workers_proposing_one_spec_train_it_once(make_search, tmp_path):
+    """Two processes on one journal whose samplers have the same seed propose the same specs in the same
+    order: each spec is trained by one of them, the other waits and reuses it (not counted), and the
+    five feasible specs of the space are each trained exactly once."""
+    make_search("  granularity: [1, 2, 4]\n  shared: [0, 1]", n_trials=5, sampler="random")
+    run_dir = tmp_path / "run"
+    cmd = command(tmp_path / "t.yaml", run_dir, 1.0)
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    trials = _load(run_dir).get_trials()
+    real = counted(trials)
+    keys = [t.user_attrs["spec_key"] for t in real]
+    assert len(real) == 5 and len(set(keys)) == 5  # every feasible grid point, each trained once
+    assert {(t.params["m"], t.params["K_s"]) for t in real} == {(1, 0), (2, 0), (2, 1), (4, 0), (4, 1)}
+    reused = [t for t in trials if t.user_attrs.get("reused_from") is not None]
+    assert reused, "both workers propose the same first spec"
+    assert any("waiting for it" in e for e in errs)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
