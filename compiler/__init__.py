@@ -18,9 +18,9 @@ Reading other YAML documents (search specs) the way specs are read, with located
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ._accounting import COMPONENTS, Accounting, LayerCounts, MemoryEstimate, account, memory
-from ._builder import build
 from ._dump import spec_to_yaml
 from ._hf import HFError, check_against_transformers, export_hf, import_hf
 from ._loader import (
@@ -40,9 +40,26 @@ from ._loader import (
     shipped_names,
     validate,
 )
-from ._measure import measure
 from ._report import report_dict
 from ._spec import ModelSpec, MoEDerived
+
+if TYPE_CHECKING:
+    from ._builder import build
+    from ._measure import measure
+
+# Only building and measuring a model need torch: they import on first use (a module `__getattr__`, PEP
+# 562), so reading, validating and counting specs (`moeforge validate`, `report`) never import it.
+_LAZY = {"build": "_builder", "measure": "_measure"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # resolved once
+    return value
 
 
 def load_spec(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelSpec:

@@ -1,22 +1,79 @@
-"""What a built model is made of and what runs it: layers, MoE dispatch, data, training, checkpoints."""
+"""What a built model is made of and what runs it: layers, MoE dispatch, data, training, checkpoints.
 
-from ._checkpoint import load_checkpoint, load_weights, save_checkpoint
-from ._data import Corpus, DataError, default_cache_dir, load_corpus, read_token_file, write_token_file
-from ._experts import Experts
-from ._layers import (
-    Attention,
-    Block,
-    FeedForward,
-    MLAttention,
-    ModelOutput,
-    MoE,
-    Transformer,
-    Yarn,
-    init_weights,
-    make_norm,
-)
-from ._metrics import LoadTracker, load_stats
-from ._train import Diverged, OutOfMemory, TrainConfig, evaluate, lr_at, planned_tokens, resolve_device, train
+Names resolve on first use (a module `__getattr__`, PEP 562), so importing the package costs nothing and
+`from moeforge.runtime import TrainConfig` needs no torch: the search checks a spec's train options with
+it when the spec loads, and `moeforge validate` answers without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._config import TrainConfig
+
+if TYPE_CHECKING:
+    from ._checkpoint import load_checkpoint, load_weights, save_checkpoint
+    from ._data import Corpus, DataError, default_cache_dir, load_corpus, read_token_file, write_token_file
+    from ._experts import Experts
+    from ._layers import (
+        Attention,
+        Block,
+        FeedForward,
+        MLAttention,
+        ModelOutput,
+        MoE,
+        Transformer,
+        Yarn,
+        init_weights,
+        make_norm,
+    )
+    from ._metrics import LoadTracker, load_stats
+    from ._train import Diverged, OutOfMemory, evaluate, lr_at, planned_tokens, resolve_device, train
+
+# name -> the private module that defines it (all of them import torch)
+_LAZY = {
+    **dict.fromkeys(("load_checkpoint", "load_weights", "save_checkpoint"), "_checkpoint"),
+    **dict.fromkeys(
+        ("Corpus", "DataError", "default_cache_dir", "load_corpus", "read_token_file", "write_token_file"),
+        "_data",
+    ),
+    "Experts": "_experts",
+    **dict.fromkeys(
+        (
+            "Attention",
+            "Block",
+            "FeedForward",
+            "MLAttention",
+            "ModelOutput",
+            "MoE",
+            "Transformer",
+            "Yarn",
+            "init_weights",
+            "make_norm",
+        ),
+        "_layers",
+    ),
+    **dict.fromkeys(("LoadTracker", "load_stats"), "_metrics"),
+    **dict.fromkeys(
+        ("Diverged", "OutOfMemory", "evaluate", "lr_at", "planned_tokens", "resolve_device", "train"),
+        "_train",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Corpus",

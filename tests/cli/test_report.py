@@ -142,3 +142,22 @@ def test_console_script_report_json() -> None:
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["params"]["total"] == account(load_spec("debug")).params_total
+
+
+NO_TORCH = """\
+import sys
+from moeforge.cli import main
+
+assert main(["validate", "debug", "deepseek-v3", "quickstart"]) == 0
+assert main(["report", "debug"]) == 0
+assert main(["report", "deepseekmoe-16b", "--json", "--by", "layer"]) == 0
+print("HEAVY", sorted(m for m in ("torch", "safetensors", "transformers", "fvcore") if m in sys.modules))
+"""
+
+
+def test_validate_and_report_never_import_torch() -> None:
+    """The accounting is pure Python: checking and counting specs (search specs too) answer at once."""
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "quickstart: ok (search quickstart)" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "HEAVY []"
