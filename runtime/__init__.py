@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import TrainConfig
 
 if TYPE_CHECKING:
-    from ._checkpoint import load_checkpoint, load_weights, save_checkpoint
+    from ._checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
     from ._data import Corpus, DataError, default_cache_dir, load_corpus, read_token_file, write_token_file
     from ._experts import Experts
     from ._layers import (
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 # name -> the private module that defines it (all of them import torch)
 _LAZY = {
-    **dict.fromkeys(("load_checkpoint", "load_weights", "save_checkpoint"), "_checkpoint"),
+    **dict.fromkeys(("find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"), "_checkpoint"),
     **dict.fromkeys(
         ("Corpus", "DataError", "default_cache_dir", "load_corpus", "read_token_file", "write_token_file"),
         "_data",
@@ -93,6 +93,7 @@ __all__ = [
     "Transformer",
     "init_weights",
     "make_norm",
+    "find_checkpoint",
     "load_checkpoint",
     "load_weights",
     "save_checkpoint",
