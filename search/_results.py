@@ -69,7 +69,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         value=t.values[0] if t.values else None,
         values=list(t.values) if t.values else None,
         params=dict(t.params),
-        counted=bool(ua.get("counted")) and t.state != TrialState.WAITING,
+        counted=bool(counted([t])),  # the same rule as the n_trials cap
         duration_s=t.duration.total_seconds() if t.duration else None,
     )
     retry = t.system_attrs.get("failed_trial")

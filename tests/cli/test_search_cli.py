@@ -138,3 +138,22 @@ def test_no_completed_trial_exits_1_with_results(tmp_path, capsys):
     assert main(["search", str(p), "--out", str(run), "--no-plots"]) == 1
     assert "no trial completed" in capsys.readouterr().err
     assert (run / "trials.json").is_file()
+
+
+def test_trials_that_really_diverge_are_recorded_and_retried_once(tmp_path, capsys):
+    """Real training with an absurd learning rate: every trial diverges. Each spec is tried twice (the
+    second failure of the same kind is final), results are written, and no completed trial means exit 1."""
+    p = tmp_path / "cli.yaml"
+    p.write_text(
+        GOOD + "train: {device: cpu, lr: 1.0e+6, batch_size: 4, cpu_threads: 1, options: {warmup: 0.0}}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["search", str(p), "--out", str(run), "--no-plots", "--workers", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "trial(s) failed" in err and "no trial completed" in err
+    records = json.loads((run / "trials.json").read_text())
+    assert len(records) == 4 and all(r["state"] == "FAIL" for r in records)
+    assert all(r["fail_reason"].startswith("diverged: ") and r["fail_kind"] == "Diverged" for r in records)
+    assert sum(r["retried"] is True for r in records) == 2 and sum(r["counted"] for r in records) == 2
+    for r in records:
+        assert (run / r["traceback"]).is_file()

@@ -315,3 +315,20 @@ def test_two_workers_proposing_one_spec_train_it_once(make_search, tmp_path):
     assert reused, "both workers propose the same first spec"
     assert any("waiting for it" in e for e in errs)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_worker_with_other_data_refuses_to_join(make_search, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"def f(x):\n    return x + 1\n" * 400)
+    s = make_search("  granularity: [1, 2]", n_trials=1, extra=f"train: {{data: {text}}}")
+    cfg = RunConfig(tmp_path / "run", plots=False)
+    run_search(s, cfg, evaluate=fake_evaluator(0), log=lambda _: None)
+    text.write_bytes(b"def g(y):\n    return y * 2\n" * 400)  # same path, other tokens
+    with pytest.raises(
+        run_mod.SearchStop, match="trains on data with fingerprint .* this machine's data has"
+    ):
+        run_search(s, cfg, evaluate=fake_evaluator(0), log=lambda _: None)
+    (rec,) = [
+        r for r in json.loads((tmp_path / "run" / "trials.json").read_text()) if r["state"] == "COMPLETE"
+    ]
+    assert rec["data_fingerprint"] == _load(tmp_path / "run").user_attrs["data"]["fingerprint"]
