@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -500,7 +501,7 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
         full = len(counted(trials)) >= cap
         exhausted = not waiting and (
             skips >= MAX_SKIPS
-            or (isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study))
+            or (isinstance(sampler, optuna.samplers.GridSampler) and not _grid_left(search, trials))
         )
         if full or exhausted:
             # Stay while a trial runs elsewhere: its worker may be dead, and then its retry needs us.
@@ -530,6 +531,20 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
         else:
             skips += 1
     return trained
+
+
+def _grid_left(search: SearchSpec, trials: list[FrozenTrial]) -> bool:
+    """Whether some grid point has not been started. Optuna's own `is_exhausted` counts running points
+    as not done and proposes them again; here a running point is someone's, and a dead worker's point
+    comes back as a queued retry."""
+    grid = grid_space(search)
+    names = list(grid)
+    started = {
+        tuple(t.params.get(n) for n in names)
+        for t in trials
+        if t.state != TrialState.WAITING and all(n in t.params for n in names)
+    }
+    return any(point not in started for point in itertools.product(*grid.values()))
 
 
 def _say_once(opts: WorkerOptions, line: str) -> None:
