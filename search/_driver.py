@@ -125,6 +125,9 @@ def run_search(
             worker_errors = _run_processes(search, study, url, name, workers, cfg, log)
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException:
+        write_results(study, search, run_dir, plots=cfg.plots)  # what finished is never lost
+        raise
     summary = write_results(study, search, run_dir, plots=cfg.plots)
     summary.update(
         storage=redact(url),

@@ -327,6 +327,9 @@ class SearchSpec(_Section):
         return ["minimize", "minimize"] if self.objective.params_total else ["minimize"]
 
 
+SEARCH_CHECKPOINT_EVERY_S = 60.0
+
+
 def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: str) -> TrainConfig:
     """The trainer's config for one run of a trial: the search's own settings, then `train.options`.
 
@@ -340,6 +343,9 @@ def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: 
         k: v for k, v in (("batch_size", s.batch_size), ("lr", s.lr)) if v is not None
     }
     options: dict[str, Any] = dict(s.options)  # values checked against TrainConfig's field types on load
+    # A retried or resumed trial continues from its last checkpoint: keep that close (the trainer's own
+    # default is 5 minutes; a tiny model's checkpoint takes milliseconds).
+    options.setdefault("checkpoint_every_s", SEARCH_CHECKPOINT_EVERY_S)
     return TrainConfig(
         budget_flops=budget_flops, seed=seed, device=device, eval_points=s.eval_points, **settings, **options
     )
@@ -463,6 +469,7 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
                 problems.append(Problem(locs[("space", "params", key)], f"space.params.{key}", why))
         if base is not None:
             problems += _axis_problems(spec, base, locs)
+        problems += _data_problems(spec, path, locs)
     if problems:
         problems = list(dict.fromkeys(problems))
         problems.sort(key=lambda p: (p.loc.file.startswith("<--set"), p.loc.file, p.loc.line, p.loc.col))
@@ -513,6 +520,35 @@ def _base_spec(ref: Any, path: Path, locs: Locs) -> tuple[ModelSpec | None, dict
             None,
             [Problem(p.loc, f"base.{p.key}" if p.key else "base", p.message) for p in e.problems],
         )
+
+
+def _token_files(data: str, here: Path) -> bool:
+    """Whether `train.data` names token files (.bin, a folder of them, or a glob), whose bytes per token
+    are unknown; decided from the path alone, so loading a spec reads no data."""
+    import glob
+
+    if glob.has_magic(data):
+        return True
+    path = Path(data).expanduser()
+    path = path if path.is_absolute() or path.exists() else here / path
+    return path.suffix == ".bin" or (path.is_dir() and any(path.glob("*.bin")))
+
+
+def _data_problems(spec: SearchSpec, path: Path, locs: Locs) -> list[Problem]:
+    """What the objective needs from the data and the data cannot give."""
+    from moeforge.compiler import Problem, locate
+
+    data = spec.train.data
+    if spec.objective.metric == "val_bits_per_byte" and data is not None and _token_files(data, path.parent):
+        return [
+            Problem(
+                locate(locs, ("objective", "metric")),
+                "objective.metric",
+                f"val_bits_per_byte needs the bytes behind each token, unknown for the token files of "
+                f"train.data {data!r}; use val_loss, or text data",
+            )
+        ]
+    return []
 
 
 def _axis_problems(spec: SearchSpec, base: ModelSpec, locs: Locs) -> list[Problem]:

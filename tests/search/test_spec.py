@@ -132,3 +132,23 @@ def test_an_inline_base_switches_moe_form_without_nulls(tmp_path):
         load_search(path)
     [problem] = e.value.problems
     assert str(problem).startswith(f"{path}:3:29: base.moe.top_k: 30 > routed experts 15")
+
+
+def test_bits_per_byte_on_token_files_is_rejected_at_load(make_search, tmp_path):
+    import numpy as np
+    from moeforge.runtime import write_token_file
+
+    write_token_file(tmp_path / "tokens.bin", np.arange(5000, dtype=np.uint16) % 256)
+    with pytest.raises(SpecError) as e:
+        make_search(
+            extra=f"objective: {{metric: val_bits_per_byte}}\ntrain: {{data: {tmp_path / 'tokens.bin'}}}"
+        )
+    (p,) = e.value.problems
+    lines = (tmp_path / "t.yaml").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.startswith("objective:"))
+    assert p.key == "objective.metric" and (p.loc.line, p.loc.col) == (
+        line,
+        lines[line - 1].index("metric") + 1,
+    )
+    assert "bytes behind each token" in p.message
+    make_search(extra=f"objective: {{metric: val_loss}}\ntrain: {{data: {tmp_path / 'tokens.bin'}}}")
