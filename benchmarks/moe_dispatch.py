@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from moeforge.runtime._experts import Experts
+from moeforge.runtime import Experts
 
 
 def _step(m: Experts, x: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, up: torch.Tensor) -> float:

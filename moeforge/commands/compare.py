@@ -26,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from moeforge._format import count, nbytes
-    from moeforge.compiler import load_spec
-    from moeforge.compiler._report import report_dict
+    from moeforge.compiler import load_spec, report_dict
 
     reps = [report_dict(load_spec(s), dtype=args.dtype, causal=args.causal) for s in args.specs]
     if args.json:

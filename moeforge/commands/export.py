@@ -36,8 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.compiler import load_spec
-    from moeforge.compiler._hf import HFError, check_against_transformers, export_hf
+    from moeforge.compiler import HFError, check_against_transformers, export_hf, load_spec
 
     spec = load_spec(args.spec, args.overrides)
     try:

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeforge.compiler._hf import HFError, import_hf
+    from moeforge.compiler import HFError, import_hf
 
     try:
         spec_path, weights_path, notes = import_hf(args.src, args.out, args.name)

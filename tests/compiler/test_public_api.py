@@ -11,9 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PRIVATE_IMPORT = re.compile(r"moeforge\.compiler\._\w+|from moeforge\.compiler import _\w+")
-# Command modules owned elsewhere that still reach into compiler internals; each has a public name now
-# (report_dict, HFError, import_hf, export_hf, check_against_transformers). Remove a file once it switches.
-PENDING = {"moeforge/commands/compare.py", "moeforge/commands/export.py", "moeforge/commands/import_.py"}
 
 
 @pytest.mark.parametrize("name", compiler.__all__)
@@ -29,7 +26,6 @@ def test_no_package_imports_compiler_internals(package: str) -> None:
     offenders = [
         f"{path.relative_to(ROOT)}: {m.group(0)}"
         for path in sorted((ROOT / package).rglob("*.py"))
-        if str(path.relative_to(ROOT)) not in PENDING
         for m in PRIVATE_IMPORT.finditer(path.read_text())
     ]
     assert not offenders, "use the names moeforge.compiler re-exports:\n" + "\n".join(offenders)
