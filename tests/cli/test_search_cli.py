@@ -19,6 +19,7 @@ space:
 budget: {train_flops: 1.0e+9}
 sampler: {kind: grid}
 n_trials: 2
+train: {device: cpu, batch_size: 4, eval_points: 2, cpu_threads: 1, options: {eval_tokens: 1024}}
 """
 
 
@@ -63,7 +64,7 @@ def test_search_then_report_json(tmp_path, capsys):
     p = tmp_path / "cli.yaml"
     p.write_text(GOOD)
     run = tmp_path / "run"
-    assert main(["search", str(p), "--out", str(run), "--json"]) == 0
+    assert main(["search", str(p), "--out", str(run), "--json", "--workers", "1"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["counted"] == 2 and summary["complete"] == 2 and summary["workers"] == 1
     for name in (
@@ -82,7 +83,7 @@ def test_search_then_report_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["params"]["total"] == summary["best"]["params_total"]
     # the same command again resumes: nothing left to do, nothing retrained
     before = (run / "trials.json").read_text()
-    assert main(["search", str(p), "--out", str(run), "--json"]) == 0
+    assert main(["search", str(p), "--out", str(run), "--json", "--workers", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["trials"] == 2
     assert json.loads((run / "trials.json").read_text()) == json.loads(before)
 
@@ -123,7 +124,7 @@ def test_data_infeasible_proposal_is_not_a_crash(tmp_path, capsys):
     p = tmp_path / "cli.yaml"
     p.write_text(GOOD.replace("granularity: [1, 2]", "params: {vocab_size: {categorical: [64, 256]}}"))
     run = tmp_path / "run"
-    assert main(["search", str(p), "--out", str(run), "--no-plots"]) == 0
+    assert main(["search", str(p), "--out", str(run), "--no-plots", "--workers", "1"]) == 0
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     assert "vocab_size 64 is smaller than the data's token range" in " ".join(out.split())
@@ -135,7 +136,7 @@ def test_no_completed_trial_exits_1_with_results(tmp_path, capsys):
     p = tmp_path / "cli.yaml"
     p.write_text(GOOD + "constraints: {max_params_total: 1000}\n")
     run = tmp_path / "run"
-    assert main(["search", str(p), "--out", str(run), "--no-plots"]) == 1
+    assert main(["search", str(p), "--out", str(run), "--no-plots"]) == 1  # workers auto: 2 processes here
     assert "no trial completed" in capsys.readouterr().err
     assert (run / "trials.json").is_file()
 
@@ -144,9 +145,7 @@ def test_trials_that_really_diverge_are_recorded_and_retried_once(tmp_path, caps
     """Real training with an absurd learning rate: every trial diverges. Each spec is tried twice (the
     second failure of the same kind is final), results are written, and no completed trial means exit 1."""
     p = tmp_path / "cli.yaml"
-    p.write_text(
-        GOOD + "train: {device: cpu, lr: 1.0e+6, batch_size: 4, cpu_threads: 1, options: {warmup: 0.0}}\n"
-    )
+    p.write_text(GOOD.replace("cpu_threads: 1,", "cpu_threads: 1, lr: 1.0e+6,"))
     run = tmp_path / "run"
     assert main(["search", str(p), "--out", str(run), "--no-plots", "--workers", "1"]) == 1
     out, err = capsys.readouterr()
