@@ -10,24 +10,69 @@ Public API:
     report(run_dir, storage, study) -> (SearchSpec, trial records)
 """
 
-from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
-from ._results import leaderboard, trial_record, trial_records, write_results
-from ._run import (
-    Evaluate,
-    SearchStop,
-    TrialFailed,
-    WorkerOptions,
-    counted,
-    data_problem,
-    load_search_corpus,
-    make_sampler,
-    open_storage,
-    open_study,
-    real_evaluator,
-    run_worker,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
 from ._spec import SearchSpec, load_search, search_schema
+
+if TYPE_CHECKING:
+    from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
+    from ._results import leaderboard, trial_record, trial_records, write_results
+    from ._run import (
+        Evaluate,
+        SearchStop,
+        TrialFailed,
+        WorkerOptions,
+        counted,
+        data_problem,
+        load_search_corpus,
+        make_sampler,
+        open_storage,
+        open_study,
+        real_evaluator,
+        run_worker,
+    )
+
+# Names that need Optuna resolve on first use (PEP 562), so loading and validating a search spec
+# (`moeforge validate`) does not pay for importing it.
+_LAZY = {
+    **dict.fromkeys(("RunConfig", "auto_workers", "report", "run_one_worker", "run_search"), "_driver"),
+    **dict.fromkeys(("leaderboard", "trial_record", "trial_records", "write_results"), "_results"),
+    **dict.fromkeys(
+        (
+            "Evaluate",
+            "SearchStop",
+            "TrialFailed",
+            "WorkerOptions",
+            "counted",
+            "data_problem",
+            "load_search_corpus",
+            "make_sampler",
+            "open_storage",
+            "open_study",
+            "real_evaluator",
+            "run_worker",
+        ),
+        "_run",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Evaluate",
