@@ -196,7 +196,12 @@ def make_pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
 
 
 def _comparable(search: SearchSpec) -> dict:
-    return search.model_dump(mode="json", exclude={"n_trials", "timeout_s"})
+    """What must agree for two runs to share a study: everything but the cap and the timeout, with the base
+    compared as the validated spec (so `null`s or the form it was written in do not matter)."""
+    out = search.model_dump(mode="json", exclude={"n_trials", "timeout_s"})
+    with contextlib.suppress(Exception):  # an invalid base compares as written
+        out["base"] = ModelSpec.model_validate(search.base).model_dump(mode="json")
+    return out
 
 
 def data_record(corpus: Corpus) -> dict[str, Any]:
