@@ -480,9 +480,10 @@ def _fail_and_retry(study: optuna.Study, t: FrozenTrial | optuna.Trial) -> bool:
 def _fresh_attrs(trial: optuna.Trial, opts: WorkerOptions) -> None:
     # A retry is queued with the attrs of the trial it retries (Optuna's stale-trial callback copies
     # them); the decisions of that attempt do not carry over.
+    carried = trial.user_attrs
     for k in ("counted", "claim", "reused_from", "infeasible", "fail_reason", "fail_kind", "retried"):
-        if k in trial.user_attrs:
-            trial.set_user_attr(k, None if k != "counted" and k != "claim" else False)
+        if k in carried:
+            trial.set_user_attr(k, False if k in ("counted", "claim") else None)
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("worker", opts.worker)
