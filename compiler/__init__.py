@@ -8,7 +8,9 @@ Public API:
     measure(spec, batch_size=1, seq_len=None) -> dict (FlopCounterMode, fvcore, numel)
     model_schema() -> dict (JSON Schema)
     report_dict(spec, dtype="bf16", causal=False) -> dict (what `moeforge report --json` prints)
-    import_hf / export_hf / check_against_transformers: Hugging Face interop (HFError on what cannot map)
+    import_hf / export_hf / check_against_transformers / check_passes: Hugging Face interop (HFError on what
+    cannot map); choose_format(spec, "auto") names the stock transformers class a spec exports as, model_card
+    writes an export's README.md
 
 Reading other YAML documents (search specs) the way specs are read, with located problems:
     resolve, read_yaml, load_document, apply_overrides, merge_specs, validate, locate, model_classes;
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._accounting import COMPONENTS, Accounting, LayerCounts, MemoryEstimate, account, memory
 from ._dump import spec_to_yaml
-from ._hf import HFError, check_against_transformers, export_hf, import_hf
+from ._hf import HFError, check_against_transformers, check_passes, choose_format, export_hf, import_hf
+from ._hf_card import model_card
 from ._loader import (
     Loc,
     Locs,
@@ -101,6 +104,8 @@ __all__ = [
     "apply_overrides",
     "build",
     "check_against_transformers",
+    "check_passes",
+    "choose_format",
     "export_hf",
     "import_hf",
     "load_document",
@@ -110,6 +115,7 @@ __all__ = [
     "measure",
     "memory",
     "merge_specs",
+    "model_card",
     "model_classes",
     "model_schema",
     "read_yaml",

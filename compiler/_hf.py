@@ -28,8 +28,16 @@ from pydantic import ValidationError
 from ._spec import MLASpec, ModelSpec, RopeSpec
 
 FAMILIES = ("deepseek", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
-# Export tries these in order and takes the first that expresses the spec exactly.
-EXPORT_ORDER = ("deepseek_v3", "deepseek_v2", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek")
+# `--format auto` tries these in order and takes the first that expresses the spec exactly: each is a stock
+# transformers class (no remote code). Families that compute the spec with no added parameter come first;
+# qwen2_moe, whose shared-expert gate moeforge may have to pin at zero, is last.
+EXPORT_ORDER = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "olmoe", "mixtral", "qwen2_moe")
+# Formats whose class lives in the model repo, not in transformers: written only when asked for by name.
+REMOTE_CODE = ("deepseek",)
+# The config key that carries what a stock config cannot say but the spec does (import reads it back):
+# how many shared experts were concatenated into one shared MLP, whether qwen2_moe's shared gate is a
+# pinned zero, and balance-loss settings of training that the family's config has no key for.
+MARKER = "moeforge"
 ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
@@ -296,7 +304,15 @@ def _qwen(c: _Config) -> dict[str, Any]:
     moe.update(routed_experts=routed, top_k=top_k, expert_hidden=c.req("moe_intermediate_size"))
     if qwen2:
         shared = c.req("shared_expert_intermediate_size")
-        moe.update(shared_experts=1, shared_hidden=shared, shared_gate=True)
+        marker = c.get(MARKER, {}) or {}
+        n_shared = int(marker.get("shared_experts", 1 if shared else 0))
+        if n_shared and shared % n_shared:
+            raise HFError(
+                f"{MARKER}.shared_experts: {n_shared} does not divide shared_expert_intermediate_size"
+            )
+        moe.update(shared_experts=n_shared, shared_gate=bool(marker.get("shared_gate", True)))
+        if n_shared and shared // n_shared != moe["expert_hidden"]:
+            moe["shared_hidden"] = shared // n_shared
     moe["gate"] = {"normalize_topk": bool(c.get("norm_topk_prob", False))}
     moe["balance"] = _aux(c, top_k)
     spec["moe"] = moe
@@ -355,6 +371,14 @@ def config_to_spec(config: Mapping[str, Any], name: str | None = None) -> tuple[
         raise HFError(f"model_type: {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     c = _Config(dict(config), family)
     data = _IMPORTERS[family](c)
+    marker = c.get(MARKER, {}) or {}
+    unknown = set(marker) - {"shared_experts", "shared_gate", "balance", "ffn_hidden"}
+    if unknown or (family != "qwen2_moe" and {"shared_experts", "shared_gate"} & set(marker)):
+        raise HFError(f"{MARKER}: {sorted(marker)} cannot be expressed by moeforge for {family}")
+    if "ffn_hidden" in marker:
+        data["ffn"]["hidden"] = int(marker["ffn_hidden"])
+    if "balance" in marker and "moe" in data:
+        data["moe"]["balance"] = {**data["moe"].get("balance", {}), **marker["balance"]}
     c.check_all_used()
     data = {"name": name or family, **data}
     try:
@@ -366,32 +390,46 @@ def config_to_spec(config: Mapping[str, Any], name: str | None = None) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _expressible(spec: ModelSpec, family: str) -> str | None:
-    """None when `family`'s transformers model computes exactly `spec`; else the first reason it does not."""
-    a, moe, d = spec.attention, spec.moe, spec.moe_derived
+def _not_any_family(spec: ModelSpec) -> str | None:
+    """What no family expresses, with the nearest exportable change; None when some family might."""
+    a, moe = spec.attention, spec.moe
     if spec.norm.kind != "rmsnorm":
-        return "norm.kind: only rmsnorm"
+        return "norm.kind: layernorm is in no stock MoE class; use norm.kind: rmsnorm"
     if not isinstance(spec.positions, RopeSpec):
-        return "positions.kind: only rope"
+        return f"positions.kind: {spec.positions.kind} is in no stock MoE class; use positions.kind: rope"
     if spec.positions.yarn is not None and not isinstance(a, MLASpec):
-        return "positions.yarn: only exported with MLA (DeepSeek-V2/V3)"
+        return "positions.yarn: only exported with MLA (DeepSeek-V2/V3); drop positions.yarn"
     if spec.ffn.activation != "swiglu":
-        return "ffn.activation: only swiglu"
-    if moe is None or d is None:
-        return "moe: a dense spec has no MoE family"
-    g, b = moe.gate, moe.balance
+        return (
+            f"ffn.activation: {spec.ffn.activation} experts are in no stock MoE class (all use SwiGLU); "
+            "use ffn.activation: swiglu"
+        )
+    if moe is None:
+        return "moe: a dense spec is not an MoE model; add a moe section"
     if moe.capacity_factor is not None:
-        return "moe.capacity_factor: transformers' MoE layers are dropless"
-    if b.device_alpha:
-        return "moe.balance.device_alpha: no family has a device-level balance loss"
+        return "moe.capacity_factor: transformers' MoE layers are dropless; drop moe.capacity_factor"
+    return None
+
+
+def _expressible(spec: ModelSpec, family: str) -> str | None:
+    """None when `family`'s transformers model computes exactly `spec`; else the first reason it does not.
+
+    Only the computed function matters: balance-loss settings a family's config cannot hold travel in the
+    MARKER key, as do shared experts concatenated into qwen2_moe's single shared MLP.
+    """
+    reason = _not_any_family(spec)
+    if reason:
+        return reason
+    a, moe, d = spec.attention, spec.moe, spec.moe_derived
+    assert moe is not None and d is not None
+    g = moe.gate
     mla = isinstance(a, MLASpec)
-    deepseek_family = family.startswith("deepseek")
     if mla != (family in ("deepseek_v2", "deepseek_v3")):
         return "attention.kind: mla is DeepSeek-V2/V3's" if mla else f"attention.kind: {family} uses MLA"
     if not mla and a.qk_norm != {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"):
         return f"attention.qk_norm: {a.qk_norm} is not {family}'s"
-    if moe.shared_gate != (family == "qwen2_moe"):
-        return "moe.shared_gate: only qwen2_moe gates its shared expert (and always does)"
+    if moe.shared_gate and family != "qwen2_moe":
+        return "moe.shared_gate: only qwen2_moe gates its shared expert"
     if (g.score == "sigmoid" or g.selection_bias) != (family == "deepseek_v3"):
         return "moe.gate.score/selection_bias: sigmoid scores with a selection bias are deepseek_v3's (only)"
     if g.score == "sigmoid" and not g.selection_bias:
@@ -400,8 +438,6 @@ def _expressible(spec: ModelSpec, family: str) -> str | None:
         return "moe.gate.n_group: group-limited routing is DeepSeek-V2/V3's"
     if g.routed_scaling != 1 and family not in ("deepseek_v2", "deepseek_v3"):
         return "moe.gate.routed_scaling: only DeepSeek-V2/V3 scale the routed experts"
-    if b.per_sequence and not deepseek_family:
-        return "moe.balance.per_sequence: only DeepSeek configs have seq_aux"
     moe_layers = set(spec.moe_layers)
     if family in ("deepseek_v2", "deepseek_v3"):
         k = min(moe_layers)
@@ -418,27 +454,23 @@ def _expressible(spec: ModelSpec, family: str) -> str | None:
             return (
                 "moe.layers: not of DeepSeek's form (i >= first_k_dense_replace and i % moe_layer_freq == 0)"
             )
-    if family in ("qwen2_moe", "qwen3_moe"):
-        pass  # any layer set: mlp_only_layers lists the dense ones
+    # qwen2_moe/qwen3_moe: any layer set (mlp_only_layers lists the dense ones)
     if family == "deepseek_v2" and g.normalize_topk:
         return "moe.gate.normalize_topk: transformers' deepseek_v2 ignores norm_topk_prob"
     if family == "mixtral" and not g.normalize_topk:
         return "moe.gate.normalize_topk: mixtral always renormalizes the top-k"
-    if family == "qwen2_moe" and d.shared_experts != 1:
-        return "moe.shared_experts: qwen2_moe has exactly one (gated) shared expert"
     if family in ("qwen3_moe", "mixtral", "olmoe") and d.shared_experts:
         return f"moe.shared_experts: {family} has none"
-    if deepseek_family and d.shared_experts and d.shared_hidden != d.expert_hidden:
+    if family.startswith("deepseek") and d.shared_experts and d.shared_hidden != d.expert_hidden:
         return "moe.shared_hidden: DeepSeek's shared experts have the routed experts' width"
     if family == "deepseek_v3" and not d.shared_experts:
         return "moe.shared_experts: transformers' deepseek_v3 always has shared experts"
-    if mla:
-        assert isinstance(a, MLASpec)
+    if isinstance(a, MLASpec):
         if a.latent_norm_eps != 1e-6:
             return "attention.latent_norm_eps: transformers uses 1e-6"
         if family == "deepseek_v2" and not a.rope_interleave:
             return "attention.rope_interleave: deepseek_v2 always rotates interleaved pairs"
-    elif not isinstance(a, MLASpec):
+    else:
         if family in ("mixtral",) and (a.qkv_bias or a.out_bias):
             return "attention.qkv_bias: mixtral has no attention biases"
         if family == "qwen2_moe" and a.out_bias:
@@ -450,6 +482,25 @@ def _expressible(spec: ModelSpec, family: str) -> str | None:
         if family == "olmoe" and spec.head_dim * a.n_heads != spec.d_model:
             return "attention.head_dim: olmoe's heads split d_model"
     return None
+
+
+def _nearest(spec: ModelSpec, reasons: dict[str, str | None]) -> str:
+    """The one line to print when no stock format expresses `spec`: the feature, and the nearest change."""
+    common = _not_any_family(spec)
+    if common:
+        return common
+    # the family closest in kind: MLA -> DeepSeek-V3/V2; sigmoid/bias -> V3; shared experts -> qwen2_moe
+    a, moe = spec.attention, spec.moe
+    assert moe is not None
+    if isinstance(a, MLASpec):
+        near = "deepseek_v3" if moe.gate.score == "sigmoid" else "deepseek_v2"
+    elif moe.gate.score == "sigmoid" or moe.gate.selection_bias:
+        near = "deepseek_v3"
+    elif moe.gate.normalize_topk and not (spec.moe_derived and spec.moe_derived.shared_experts):
+        near = "qwen3_moe" if a.qk_norm == "head" else "olmoe" if a.qk_norm == "full" else "mixtral"
+    else:
+        near = "qwen2_moe"
+    return f"{reasons[near]} (nearest stock format: {near}; change that field to export)"
 
 
 def _layer_config(spec: ModelSpec, family: str) -> dict[str, Any]:
@@ -466,23 +517,57 @@ def _layer_config(spec: ModelSpec, family: str) -> dict[str, Any]:
     return {}
 
 
+def choose_format(spec: ModelSpec, fmt: str | None = None) -> str:
+    """The model_type `spec` exports as: `fmt` when given (and exact), else the first of EXPORT_ORDER.
+
+    "auto" (or None) never picks a remote-code format; ``deepseek`` is written only when named.
+
+    Raises:
+        HFError: no stock format (or not the one asked for) computes what the spec describes; the message
+            names the feature and the nearest exportable change.
+    """
+    if fmt not in (None, "auto"):
+        if fmt not in FAMILIES:
+            raise HFError(f"format: {fmt!r} is not one of auto, {', '.join(FAMILIES)}")
+        reason = _expressible(spec, fmt)
+        if reason:
+            raise HFError(f"{reason} (exporting to {fmt})")
+        return fmt
+    reasons = {f: _expressible(spec, f) for f in EXPORT_ORDER}
+    found = next((f for f, r in reasons.items() if r is None), None)
+    if found is None:
+        raise HFError(f"no stock transformers class expresses this spec: {_nearest(spec, reasons)}")
+    return found
+
+
+def _marker(spec: ModelSpec, family: str) -> dict[str, Any]:
+    """What the family's config cannot hold but import needs back (see MARKER); {} when nothing."""
+    moe, d = spec.moe, spec.moe_derived
+    assert moe is not None and d is not None
+    out: dict[str, Any] = {}
+    if family == "qwen2_moe" and (d.shared_experts != 1 or not moe.shared_gate):
+        out.update(shared_experts=d.shared_experts, shared_gate=moe.shared_gate)
+    if family in ("mixtral", "olmoe") and spec.ffn.hidden != d.expert_hidden:
+        # no dense layer there, but the spec's standard width (the paper form refers to it)
+        out["ffn_hidden"] = spec.ffn.hidden
+    b = moe.balance
+    balance: dict[str, Any] = {}
+    if b.per_sequence and not family.startswith("deepseek"):
+        balance["per_sequence"] = True
+    if b.device_alpha:
+        balance.update(device_alpha=b.device_alpha, device_groups=b.device_groups)
+    if balance:
+        out["balance"] = balance
+    return out
+
+
 def spec_to_config(spec: ModelSpec, family: str | None = None) -> dict[str, Any]:
-    """A config.json dict for `spec`: of `family`, or of the first family that expresses it exactly.
+    """A config.json dict for `spec`: of `family`, or of the first stock family that expresses it exactly.
 
     Raises:
         HFError: no family (or not the one asked for) computes what the spec describes.
     """
-    if family is not None:
-        if family not in FAMILIES:
-            raise HFError(f"family: {family!r} is not one of {', '.join(FAMILIES)}")
-        reason = _expressible(spec, family)
-        if reason:
-            raise HFError(f"{reason} (exporting to {family})")
-    else:
-        reasons = {f: _expressible(spec, f) for f in EXPORT_ORDER}
-        family = next((f for f, r in reasons.items() if r is None), None)
-        if family is None:
-            raise HFError(f"no supported family expresses this spec; {reasons['deepseek']}")
+    family = choose_format(spec, family)
     a, moe, d = spec.attention, spec.moe, spec.moe_derived
     assert moe is not None and d is not None and isinstance(spec.positions, RopeSpec)
     g, b = moe.gate, moe.balance
@@ -556,8 +641,8 @@ def spec_to_config(spec: ModelSpec, family: str | None = None) -> dict[str, Any]
                 norm_topk_prob=g.normalize_topk,
                 use_sliding_window=False,
             )
-            if family == "qwen2_moe":
-                cfg["shared_expert_intermediate_size"] = d.shared_hidden
+            if family == "qwen2_moe":  # the K_s shared experts as one MLP of K_s x their width
+                cfg["shared_expert_intermediate_size"] = d.shared_experts * d.shared_hidden
         elif family == "mixtral":
             cfg.update(
                 intermediate_size=d.expert_hidden, num_local_experts=d.routed_experts, sliding_window=None
@@ -568,6 +653,9 @@ def spec_to_config(spec: ModelSpec, family: str | None = None) -> dict[str, Any]
                 num_experts=d.routed_experts,
                 norm_topk_prob=g.normalize_topk,
             )
+    marker = _marker(spec, family)
+    if marker:
+        cfg[MARKER] = marker
     return cfg
 
 
@@ -635,6 +723,30 @@ def _pairs(spec: ModelSpec, family: str) -> list[tuple[str, str]]:
 _IGNORED_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")
 
 
+def _pinned_gate(spec: ModelSpec, family: str) -> bool:
+    """qwen2_moe for a spec without a shared gate: its gate weight is pinned at 0, so sigmoid(0) = 0.5
+    scales the shared MLP, whose down projection is stored doubled to cancel it. Both factors are powers
+    of two, so the products are exact in every float format."""
+    return family == "qwen2_moe" and spec.moe is not None and not spec.moe.shared_gate
+
+
+def added_parameters(spec: ModelSpec, family: str) -> dict[str, int]:
+    """Parameters transformers counts for the exported model beyond moeforge's total (negative: fewer).
+
+    qwen2_moe's pinned shared gate adds d_model per MoE layer; deepseek_v3 holds the selection bias as a
+    buffer, so num_parameters() leaves out the routed-expert count per MoE layer that moeforge counts
+    (with gate.bias_is_parameter, DeepSeek's reference convention).
+    """
+    out: dict[str, int] = {}
+    n_moe = len(spec.moe_layers)
+    if _pinned_gate(spec, family):
+        out["shared_expert_gate (pinned at 0)"] = spec.d_model * n_moe
+    moe, d = spec.moe, spec.moe_derived
+    if moe is not None and d is not None and moe.gate.selection_bias and moe.gate.bias_is_parameter:
+        out["e_score_correction_bias (a buffer there)"] = -d.routed_experts * n_moe
+    return out
+
+
 def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Our state_dict (keys and shapes of `moeforge.compiler.build(spec)`) from HF checkpoint tensors.
 
@@ -658,6 +770,20 @@ def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -
         out[ours] = take(theirs)
     d = spec.moe_derived
     n = _names(family)
+    if _pinned_gate(spec, family):
+        for i in spec.moe_layers:
+            m = f"model.layers.{i}.mlp."
+            if take(m + "shared_expert_gate.weight").count_nonzero():
+                raise HFError(
+                    f"{m}shared_expert_gate.weight: not zero, but the config's {MARKER}.shared_gate is false"
+                )
+            if d is not None and d.shared_experts:
+                key = f"layers.{i}.ffn.shared.w2.weight"
+                out[key] = out[key] / 2  # stored doubled to cancel sigmoid(0) = 0.5
+            else:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    if take(f"{m}shared_expert.{proj}.weight").numel():
+                        raise HFError(f"{m}shared_expert.{proj}.weight: not empty, but the spec has none")
     for i in spec.moe_layers:
         assert d is not None
         m = f"model.layers.{i}.{n['moe']}.experts."
@@ -695,6 +821,20 @@ def state_dict_to_hf(spec: ModelSpec, family: str, state: Mapping[str, Any]) -> 
     out = {theirs: state[ours].contiguous() for ours, theirs in _pairs(spec, family)}
     n = _names(family)
     d = spec.moe_derived
+    if _pinned_gate(spec, family):
+        assert d is not None
+        for i in spec.moe_layers:
+            m = f"model.layers.{i}.mlp."
+            like = state[f"layers.{i}.ffn.router.weight"]
+            out[m + "shared_expert_gate.weight"] = like.new_zeros(1, spec.d_model)
+            if d.shared_experts:
+                out[m + "shared_expert.down_proj.weight"] = (
+                    state[f"layers.{i}.ffn.shared.w2.weight"] * 2
+                ).contiguous()
+            else:  # no shared expert: a zero-width shared MLP, which adds nothing
+                out[m + "shared_expert.gate_proj.weight"] = like.new_zeros(0, spec.d_model)
+                out[m + "shared_expert.up_proj.weight"] = like.new_zeros(0, spec.d_model)
+                out[m + "shared_expert.down_proj.weight"] = like.new_zeros(spec.d_model, 0)
     for i in spec.moe_layers:
         assert d is not None
         m = f"model.layers.{i}.{n['moe']}.experts."
@@ -775,39 +915,99 @@ def import_hf(
 
 
 def family_of(spec: ModelSpec) -> str:
-    """The family `spec_to_config` exports `spec` as."""
-    return spec_to_config(spec)["model_type"]
+    """The family `spec_to_config` exports `spec` as (`--format auto`)."""
+    return choose_format(spec)
 
 
-def export_hf(
-    spec: ModelSpec, out: str | Path, checkpoint: str | Path | None = None, family: str | None = None
-) -> tuple[Path, Path | None]:
-    """`moeforge export hf`: OUT/config.json, and OUT/model.safetensors when a checkpoint is given.
+def _read_checkpoint(spec: ModelSpec, checkpoint: str | Path) -> dict[str, Any]:
+    """Our state_dict from a model.safetensors file (or a folder holding one), checked against `spec`."""
+    import torch
+    from safetensors.torch import load_file
 
-    `checkpoint` is a safetensors file of our state_dict, or a folder holding model.safetensors.
-    """
-    cfg = spec_to_config(spec, family)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.json"
-    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    if checkpoint is None:
-        return config_path, None
-    from safetensors.torch import load_file, save_file
+    from ._builder import build
 
     ckpt = Path(checkpoint)
     if ckpt.is_dir():
-        found = sorted(ckpt.rglob("model.safetensors"))
+        found = [
+            p for p in (ckpt / "model.safetensors", ckpt / "checkpoint" / "model.safetensors") if p.is_file()
+        ]
+        found = found or sorted(ckpt.rglob("model.safetensors"))
         if not found:
             raise HFError(f"{ckpt}: no model.safetensors inside")
-        ckpt = found[-1]
+        ckpt = found[0]
     if not ckpt.is_file():
         raise HFError(f"{ckpt}: no such checkpoint")
     state = load_file(str(ckpt))
-    try:
-        tensors = state_dict_to_hf(spec, cfg["model_type"], state)
-    except KeyError as e:
-        raise HFError(f"{ckpt}: {e.args[0]} missing; is it a checkpoint of this spec?") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(spec).state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            raise HFError(f"{ckpt}: {key} missing; is it a checkpoint of spec {spec.name!r}?")
+        if tuple(state[key].shape) != shape:
+            raise HFError(
+                f"{ckpt}: {key} has shape {list(state[key].shape)}, spec {spec.name!r} builds {list(shape)}; "
+                "is it a checkpoint of this spec?"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise HFError(f"{ckpt}: {extra[0]} is not in spec {spec.name!r} ({len(extra)} such tensors)")
+    return state
+
+
+def _check_out(out: Path, cfg: dict[str, Any], force: bool) -> None:
+    """Refuse to mix two models in one folder: OUT may be new, empty, or hold an export of this config."""
+    if force or not out.exists():
+        return
+    if not out.is_dir():
+        raise HFError(f"{out}: exists and is not a folder")
+    old = out / "config.json"
+    if old.is_file():
+        try:
+            same = json.loads(old.read_text()) == json.loads(json.dumps(cfg))
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            raise HFError(f"{out}: holds another model's config.json; choose a new --out (or --force)")
+    elif any(out.glob("*.safetensors")):
+        raise HFError(f"{out}: holds weights of another model; choose a new --out (or --force)")
+
+
+def export_hf(
+    spec: ModelSpec,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    family: str | None = None,
+    card: str | None = None,
+    force: bool = False,
+) -> tuple[Path, Path | None]:
+    """`moeforge export hf`: OUT/config.json, OUT/model.safetensors when a checkpoint is given, OUT/README.md.
+
+    Args:
+        spec: the model.
+        out: the folder to write; one that holds another model is refused unless `force`.
+        checkpoint: our model.safetensors, or a folder holding one (a run dir or its checkpoint/).
+        family: a format name (see FAMILIES); None or "auto" picks the first stock one (EXPORT_ORDER).
+        card: the model card (README.md); None writes `model_card(spec, format)`.
+        force: overwrite whatever OUT holds.
+
+    Raises:
+        HFError: no format expresses the spec, the checkpoint does not match it, OUT holds another model.
+    """
+    from ._hf_card import model_card
+
+    cfg = spec_to_config(spec, family)
+    out = Path(out)
+    _check_out(out, cfg, force)
+    state = _read_checkpoint(spec, checkpoint) if checkpoint is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "README.md").write_text(card if card is not None else model_card(spec, cfg["model_type"]))
+    if state is None:
+        return config_path, None
+    from safetensors.torch import save_file
+
+    tensors = state_dict_to_hf(spec, cfg["model_type"], state)
     weights_path = out / "model.safetensors"
     save_file(tensors, str(weights_path), metadata={"format": "pt"})
     return config_path, weights_path
@@ -827,8 +1027,19 @@ def hf_model_from_config(config: Mapping[str, Any], device: str = "cpu"):
         return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
 
 
-def check_against_transformers(spec: ModelSpec, out: str | Path) -> dict[str, float]:
-    """Load OUT with transformers and compare with our model: parameter counts, and logits when weights exist."""
+def check_against_transformers(spec: ModelSpec, out: str | Path, ids: Any = None) -> dict[str, Any]:
+    """Load OUT with transformers (no remote code) and compare with our model built from the same weights.
+
+    Args:
+        spec: the exported spec.
+        out: an export folder.
+        ids: [B, T] token ids to compare logits on (held-out text); default 2 x 16 random ids.
+
+    Returns:
+        params_ours (moeforge's total), params_transformers (num_parameters() of the loaded class),
+        params_added (what explains their difference, by tensor), and with weights max_abs_logit_diff,
+        max_rel_logit_diff (max |a - b| / max |b|, fp32), generated (a few greedy tokens).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -837,33 +1048,55 @@ def check_against_transformers(spec: ModelSpec, out: str | Path) -> dict[str, fl
 
     out = Path(out)
     cfg = json.loads((out / "config.json").read_text())
-    result: dict[str, float] = {"params_ours": float(account(spec).params_total)}
-    with torch.device("meta"):
-        meta = hf_model_from_config(cfg, "meta")
-    result["params_transformers"] = float(sum(p.numel() for p in meta.parameters()))
-    if (out / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    added = added_parameters(spec, cfg["model_type"])
+    result: dict[str, Any] = {
+        "format": cfg["model_type"],
+        "params_ours": account(spec).params_total,
+        "params_added": added,
+    }
+    if not (out / "model.safetensors").is_file():
+        with torch.device("meta"):
+            meta = hf_model_from_config(cfg, "meta")
+        result["params_transformers"] = sum(p.numel() for p in meta.parameters())
+        return result
+    from safetensors.torch import load_file
 
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(out), attn_implementation="eager", dtype=torch.float32
-        ).eval()
-        ours = build(spec, dtype=torch.float32).eval()
-        state = hf_to_state_dict(spec, cfg["model_type"], load_file(str(out / "model.safetensors")))
-        ours.load_state_dict({k: v.float() for k, v in state.items()})
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(out), attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    result["params_transformers"] = hf.num_parameters()
+    ours = build(spec, dtype=torch.float32).eval()
+    state = hf_to_state_dict(spec, cfg["model_type"], load_file(str(out / "model.safetensors")))
+    ours.load_state_dict({k: v.float() for k, v in state.items()})
+    if ids is None:
         ids = torch.randint(
             0, spec.vocab_size, (2, min(16, spec.seq_len)), generator=torch.Generator().manual_seed(0)
         )
-        with torch.no_grad():
-            a, b = ours(ids).logits, hf(ids).logits
-        result["max_abs_logit_diff"] = float((a - b).abs().max())
-        result["max_rel_logit_diff"] = float((a - b).abs().max() / b.abs().max())
+    with torch.no_grad():
+        a, b = ours(ids).logits, hf(ids).logits
+        gen = hf.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    result["compared_tokens"] = int(ids.numel())
+    result["max_abs_logit_diff"] = float((a - b).abs().max())
+    result["max_rel_logit_diff"] = float((a - b).abs().max() / b.abs().max())
+    result["generated"] = gen[0, 8:].tolist()
     return result
 
 
+def check_passes(result: Mapping[str, Any], tolerance: float = 1e-5) -> bool:
+    """Counts agree once the added parameters are accounted for, and logits within `tolerance` relative."""
+    counted = result["params_ours"] + sum(result["params_added"].values())
+    return counted == result["params_transformers"] and result.get("max_rel_logit_diff", 0.0) <= tolerance
+
+
 __all__ = [
+    "EXPORT_ORDER",
     "FAMILIES",
+    "REMOTE_CODE",
     "HFError",
+    "added_parameters",
     "check_against_transformers",
+    "check_passes",
+    "choose_format",
     "config_to_spec",
     "export_hf",
     "family_of",

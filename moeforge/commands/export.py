@@ -1,9 +1,13 @@
-"""moeforge export hf SPEC [--checkpoint PATH] --out DIR: a spec (and weights) as a Hugging Face model folder."""
+"""moeforge export hf SPEC|RUN_DIR [--trial N] --out DIR: a spec, or a search's winner with its trained weights,
+as a Hugging Face model folder that a stock transformers class loads."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from ._common import SPEC_HELP, add_overrides, print_json
 
@@ -11,55 +15,222 @@ from ._common import SPEC_HELP, add_overrides, print_json
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a spec (and a checkpoint's weights) as a config.json transformers loads",
-        description="Write DIR/config.json for the first family (deepseek_v3, deepseek_v2, qwen2_moe, qwen3_moe, "
-        "olmoe, mixtral, deepseek) whose transformers implementation computes exactly what the spec describes, "
-        "or for --family; a spec no family expresses is an error naming the field (exit 2). With --checkpoint "
-        "(our model.safetensors, or a folder holding one) also DIR/model.safetensors in the Hub's per-expert "
-        "layout. --check loads the result with transformers and compares parameters and logits.",
-        epilog="examples:\n  moeforge export hf specs/models/deepseek-v3.yaml --out /tmp/v3\n"
+        help="write a spec or a search winner (with its weights) as a model transformers loads",
+        description="Write DIR/config.json and DIR/README.md (a model card) for the first stock transformers "
+        "class (deepseek_v3, deepseek_v2, qwen3_moe, olmoe, mixtral, qwen2_moe) that computes exactly what the "
+        "spec describes, or for --format; the remote-code `deepseek` format is written only when named. A spec "
+        "no stock class expresses is an error naming the feature (exit 2). Given a search run dir, export its "
+        "best trial (or --trial N): that trial's spec and trained weights, and the search's evidence in the "
+        "card. With --checkpoint (our model.safetensors, or a folder holding one) also DIR/model.safetensors. "
+        "--check loads the result with transformers (no remote code) and compares parameters and logits.",
+        epilog="examples:\n  moeforge export hf runs/quickstart --out exported --check\n"
+        "  moeforge export hf runs/quickstart --trial 3 --out trial3\n"
+        "  moeforge export hf debug --format qwen2_moe --out /tmp/debug\n"
         "  moeforge export hf my.yaml --checkpoint runs/x --out /tmp/x --check",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", choices=("hf",), help="the layout to write (hf: Hugging Face)")
-    p.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("spec", metavar="SPEC|RUN_DIR", help=SPEC_HELP + "; or a search run dir")
     add_overrides(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for config.json and model.safetensors")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for config.json, weights and README.md"
+    )
     p.add_argument(
         "--checkpoint", metavar="PATH", help="weights: our model.safetensors or a folder holding one"
     )
-    p.add_argument("--family", help="model_type to write (default: the first that expresses the spec)")
+    p.add_argument("--trial", type=int, metavar="N", help="with a run dir: this trial instead of the best")
+    p.add_argument(
+        "--format",
+        "--family",
+        dest="format",
+        default="auto",
+        metavar="FORMAT",
+        help="model_type to write: auto (default: the first stock class that is exact), or one of "
+        "deepseek_v3, deepseek_v2, qwen3_moe, olmoe, mixtral, qwen2_moe, deepseek (remote code)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite DIR even if it holds another model")
     p.add_argument(
         "--check", action="store_true", help="load with transformers and compare (needs transformers)"
     )
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from moeforge.compiler import HFError, check_against_transformers, export_hf, load_spec
+def _fail(message: str) -> int:
+    print(f"moeforge export: {message}", file=sys.stderr)
+    return 2
 
-    spec = load_spec(args.spec, args.overrides)
+
+def run(args: argparse.Namespace) -> int:
+    from moeforge.compiler import HFError, choose_format, export_hf, load_spec, model_card
+
+    evidence: dict[str, Any] | None = None
+    corpus: str | None = None
+    checkpoint = args.checkpoint
     try:
-        config_path, weights_path = export_hf(spec, args.out, args.checkpoint, args.family)
+        if Path(args.spec).is_dir():
+            if args.overrides:
+                return _fail("--set changes a spec; a run dir's trial is exported as it was trained")
+            if checkpoint is not None:
+                return _fail("--checkpoint: a run dir's trial brings its own checkpoint")
+            spec, checkpoint, evidence, corpus = _from_run(Path(args.spec), args.trial)
+        else:
+            if args.trial is not None:
+                return _fail(f"--trial: {args.spec} is not a search run dir")
+            spec = load_spec(args.spec, args.overrides)
+        fmt = choose_format(spec, args.format)
+        card = model_card(spec, fmt, evidence)
+        config_path, weights_path = export_hf(spec, args.out, checkpoint, fmt, card=card, force=args.force)
     except HFError as e:
-        print(f"moeforge export: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    print(f"format: {fmt}" + (" (remote code)" if fmt == "deepseek" else " (stock transformers class)"))
+    if evidence:
+        print(f"trial {evidence['trial']} of {args.spec}, {evidence['metric']} {evidence['value']:.4f}")
     print(f"wrote {config_path}")
     if weights_path is not None:
         print(f"wrote {weights_path}")
-    if args.check:
-        try:
-            result = check_against_transformers(spec, args.out)
-        except ImportError:
-            print("moeforge export: --check needs transformers (pip install transformers)", file=sys.stderr)
-            return 1
-        except (ValueError, KeyError) as e:
-            print(f"moeforge export: transformers cannot load {args.out}: {e}", file=sys.stderr)
-            return 1
-        print_json(result)
-        if (
-            result["params_ours"] != result["params_transformers"]
-            or result.get("max_rel_logit_diff", 0) > 1e-5
-        ):
-            return 1
-    return 0
+    print(f"wrote {Path(args.out) / 'README.md'}")
+    return _check(spec, args.out, corpus) if args.check else 0
+
+
+def _check(spec, out: str, corpus: str | None) -> int:
+    from moeforge.compiler import check_against_transformers, check_passes
+
+    ids, source = _held_out(spec, corpus)
+    try:
+        result = check_against_transformers(spec, out, ids)
+    except ImportError:
+        print("moeforge export: --check needs transformers (pip install transformers)", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, OSError) as e:
+        print(f"moeforge export: transformers cannot load {out}: {e}", file=sys.stderr)
+        return 1
+    if "max_rel_logit_diff" in result:
+        result["compared_on"] = source
+    print_json(result)
+    return 0 if check_passes(result) else 1
+
+
+def _held_out(spec, corpus: str | None):
+    """Held-out token ids to compare logits on: the corpus's validation split (byte-level specs use the
+    bundled corpus when none is named); random ids when there is none to use."""
+    if corpus is None and spec.vocab_size < 256:
+        return None, "random ids"
+    try:
+        from moeforge.runtime import DataError, load_corpus
+
+        data = load_corpus(corpus, vocab_size=spec.vocab_size)
+        x, _ = data.val_batches(2, min(64, spec.seq_len), 128)[0]
+    except (DataError, ValueError, OSError):
+        return None, "random ids"
+    return x, f"{data.name} validation split"
+
+
+# ------------------------------------------------------------------------------------------ run dirs
+def _from_run(run_dir: Path, number: int | None) -> tuple[Any, Path, dict[str, Any], str | None]:
+    """The (spec, checkpoint folder, evidence, corpus name) of a search's best trial or of trial `number`."""
+    from moeforge.compiler import HFError
+
+    records_path = run_dir / "trials.json"
+    if not records_path.is_file():
+        raise HFError(f"{run_dir}: not a search run dir (no trials.json)")
+    records = json.loads(records_path.read_text())
+    done = [r for r in records if r.get("state") == "COMPLETE" and r.get("value") is not None]
+    if number is None:
+        if not done:
+            raise HFError(f"{run_dir}: no completed trial to export")
+        record = min(done, key=lambda r: r["value"])
+    else:
+        found = [r for r in records if r.get("number") == number]
+        if not found:
+            numbers = sorted(r["number"] for r in records)
+            have = f"trials {numbers[0]}-{numbers[-1]}" if numbers else "no trials"
+            raise HFError(f"--trial {number}: no such trial in {records_path} ({have})")
+        record = found[0]
+        if record not in done:
+            ok = ", ".join(str(r["number"]) for r in done) or "none"
+            raise HFError(
+                f"--trial {number}: {record.get('state')}, so it has no trained weights; completed: {ok}"
+            )
+    info = _run_info(run_dir)
+    spec = _trial_spec(run_dir, record, info, best=number is None)
+    name = info.get("search", "search")
+    spec = spec.model_copy(update={"name": f"{name}-trial-{record['number']}"})
+    checkpoint, seeds, summary = _trial_checkpoint(run_dir, record)
+    others = [
+        r for r in done if r["number"] != record["number"] and r.get("trial_dir") != record.get("trial_dir")
+    ]
+    runner = min(others, key=lambda r: r["value"]) if others else None
+    evidence: dict[str, Any] = {
+        "search": name,
+        "run_dir": str(run_dir),
+        "trial": record["number"],
+        "params": record.get("params"),
+        "metric": info.get("metric", "objective"),
+        "value": record["value"],
+        "budget_flops": record.get("budget_flops"),
+        "seeds": seeds,
+        "seed_values": record.get("seed_values"),
+        "tokens": record.get("tokens"),
+        "initial_val_loss": record.get("initial_val_loss"),
+        "val_bits_per_byte": record.get("val_bits_per_byte"),
+        "corpus": summary.get("corpus"),
+        "n_complete": len(done),
+        "runner_up": runner
+        and {"trial": runner["number"], "value": runner["value"], "params": runner.get("params")},
+    }
+    return spec, checkpoint, {k: v for k, v in evidence.items() if v is not None}, summary.get("corpus")
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _trial_spec(run_dir: Path, record: dict[str, Any], info: dict[str, Any], best: bool):
+    """The trial's spec: from trials.json when recorded there, else from the study (Optuna), else best.yaml."""
+    from moeforge.compiler import HFError, ModelSpec, load_spec
+
+    if record.get("spec"):
+        return ModelSpec.model_validate(record["spec"])
+    attrs = _study_trial_attrs(run_dir, info, record["number"])
+    if attrs.get("spec"):
+        info.setdefault("metric", attrs.get("_metric", "objective"))
+        return ModelSpec.model_validate(attrs["spec"])
+    if best and (run_dir / "best.yaml").is_file():
+        return load_spec(run_dir / "best.yaml")
+    raise HFError(f"trial {record['number']}: its spec is neither in trials.json nor in a readable study")
+
+
+def _study_trial_attrs(run_dir: Path, info: dict[str, Any], number: int) -> dict[str, Any]:
+    storage = info.get("storage")
+    if not storage or "study" not in info:
+        return {}
+    try:
+        import optuna
+
+        from moeforge.search import open_storage
+
+        url = storage if "://" in storage or Path(storage).is_absolute() else str(run_dir / storage)
+        study = optuna.load_study(study_name=info["study"], storage=open_storage(url))
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        metric = (study.user_attrs.get("search") or {}).get("objective", {}).get("metric", "objective")
+        return {**(trial.user_attrs if trial else {}), "_metric": metric}
+    except Exception:  # noqa: BLE001 (an unreadable study only means falling back to best.yaml)
+        return {}
+
+
+def _trial_checkpoint(run_dir: Path, record: dict[str, Any]) -> tuple[Path, list[int], dict[str, Any]]:
+    """The first seed's checkpoint folder of a trial, its seeds, and that seed's summary.json."""
+    from moeforge.compiler import HFError
+    from moeforge.runtime import find_checkpoint
+
+    folder = run_dir / str(record.get("trial_dir") or "")
+    seed_dirs = sorted(folder.glob("seed-*"), key=lambda p: int(p.name.split("-", 1)[1]))
+    seeds = [int(p.name.split("-", 1)[1]) for p in seed_dirs]
+    for seed_dir in seed_dirs:
+        ckpt = find_checkpoint(seed_dir / "checkpoint")
+        if ckpt is not None:
+            summary_path = seed_dir / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+            return ckpt, seeds, summary
+    raise HFError(f"trial {record['number']}: no checkpoint under {folder}/seed-*/checkpoint")
