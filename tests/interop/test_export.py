@@ -256,3 +256,28 @@ def test_out_folder_holding_another_model_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds another model" in err and "\n" not in err
     assert main(["export", "hf", "debug", "--out", str(tmp_path), "--force"]) == 0
+
+
+@pytest.mark.slow  # about 10 s: a real two-trial search on the bundled corpus
+def test_real_search_winner_exports_and_loads(tmp_path, capsys):
+    from moeforge.search import RunConfig, load_search, run_search
+
+    search = load_search("quickstart")
+    search = search.model_copy(
+        update={
+            "n_trials": 2,
+            "budget": search.budget.model_copy(update={"train_flops": 2e10}),
+            "train": search.train.model_copy(update={"eval_points": 2, "options": {"eval_tokens": 1024}}),
+        }
+    )
+    run = tmp_path / "run"
+    run_search(search, RunConfig(run, workers=1, plots=False), log=lambda _: None)
+    out = tmp_path / "exported"
+    assert main(["export", "hf", str(run), "--out", str(out), "--check"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{") :])
+    assert result["max_rel_logit_diff"] <= 1e-5
+    assert "val_loss" in (out / "README.md").read_text()  # the metric, read from the study
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    ids = torch.tensor([list(b"def main(")])
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 13)
