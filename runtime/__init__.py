@@ -14,7 +14,16 @@ from ._config import TrainConfig
 
 if TYPE_CHECKING:
     from ._checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
-    from ._data import Corpus, DataError, default_cache_dir, load_corpus, read_token_file, write_token_file
+    from ._data import (
+        Corpus,
+        DataError,
+        TokenStream,
+        default_cache_dir,
+        load_corpus,
+        load_prepared,
+        read_token_file,
+        write_token_file,
+    )
     from ._experts import Experts
     from ._layers import (
         Attention,
@@ -29,15 +38,26 @@ if TYPE_CHECKING:
         make_norm,
     )
     from ._metrics import LoadTracker, load_stats
+    from ._prepare import prepare_data
     from ._train import Diverged, OutOfMemory, evaluate, lr_at, planned_tokens, resolve_device, train
 
 # name -> the private module that defines it (all of them import torch)
 _LAZY = {
     **dict.fromkeys(("find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"), "_checkpoint"),
     **dict.fromkeys(
-        ("Corpus", "DataError", "default_cache_dir", "load_corpus", "read_token_file", "write_token_file"),
+        (
+            "Corpus",
+            "DataError",
+            "TokenStream",
+            "default_cache_dir",
+            "load_corpus",
+            "load_prepared",
+            "read_token_file",
+            "write_token_file",
+        ),
         "_data",
     ),
+    "prepare_data": "_prepare",
     "Experts": "_experts",
     **dict.fromkeys(
         (
@@ -80,6 +100,9 @@ __all__ = [
     "DataError",
     "default_cache_dir",
     "load_corpus",
+    "load_prepared",
+    "prepare_data",
+    "TokenStream",
     "read_token_file",
     "write_token_file",
     "Attention",

@@ -1,8 +1,9 @@
 """Token data: a bundled corpus that needs no download, user text, and nanoGPT-style token files.
 
-Every source ends up as 1-D uint16 token arrays read through np.memmap, in one on-disk format: the
+Every source ends up as 1-D token arrays read through np.memmap, in one on-disk format: the
 nanoGPT / modded-nanogpt `.bin` file, a 256 x int32 header (magic 20240520, version 1, n_tokens, rest
-zero) followed by n_tokens little-endian uint16 tokens. Our own caches use the same format.
+zero) followed by n_tokens little-endian uint16 tokens. Our own caches use the same format. Version 2 is the
+same with header[3] = bytes per token (2 or 4), for vocabularies beyond uint16 (`moeforge data prepare`).
 
 Sources, as `load_corpus` reads them:
 - None, "bundled" or "bundled:stdlib": the Python standard library's own `*.py` sources (real text on every
@@ -13,6 +14,8 @@ Sources, as `load_corpus` reads them:
   hash; the last 5% of tokens (at least `_MIN_VAL_TOKENS`, at most half) is validation.
 - a `.bin` token file: same tail split. A folder or glob pattern of `.bin` files: `*train*.bin` and
   `*val*.bin`; several shards of one split are joined once into a cached token file.
+- a folder made by `moeforge data prepare` (it holds `meta.json`): its `train/` and `val/` shards, read in
+  place as one stream per split; tokenizer, vocabulary, bytes per token and fingerprint come from meta.json.
 
 Byte-level data has `bytes_per_token == 1.0`, so bits per byte = loss_nats / ln 2; for token files the
 bytes behind each token are unknown and `bytes_per_token` is None.
@@ -36,7 +39,8 @@ import numpy as np
 import torch
 
 MAGIC = 20240520
-VERSION = 1
+VERSION = 1  # uint16 tokens, as nanoGPT writes them
+VERSION_WIDE = 2  # header[3] = bytes per token, 2 or 4
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 GPT2_VOCAB_SIZE = 50257
@@ -69,7 +73,12 @@ class Corpus:
     bytes_per_token: float | None = None
     """Bytes of text per token: 1.0 for byte-level data, None where unknown (token files)."""
     min_vocab_size: int = BYTE_VOCAB_SIZE
-    """The smallest vocabulary that covers the data: 256 for byte-level data, the largest id + 1 otherwise."""
+    """The smallest vocabulary that covers the data: 256 for byte-level data, the tokenizer's vocabulary for
+    prepared data, the largest id + 1 otherwise."""
+    tokenizer: str | None = None
+    """The tokenizer's name for prepared data (`moeforge data prepare`); None otherwise."""
+    prepared_fingerprint: str | None = field(default=None, repr=False)
+    """The fingerprint meta.json records for prepared data; None otherwise."""
 
     def __repr__(self) -> str:
         return (
@@ -81,7 +90,9 @@ class Corpus:
     def fingerprint(self) -> str:
         """A digest of the token level and of every train and validation token: equal exactly when two
         machines would train and validate on the same data (the bundled corpus depends on the Python
-        version's standard library, for one)."""
+        version's standard library, for one). Prepared data carries its own, computed once when written."""
+        if self.prepared_fingerprint is not None:
+            return self.prepared_fingerprint
         h = hashlib.sha256(f"{_CACHE_FORMAT}\0{self.level}\0{len(self.train)}\0{len(self.val)}\0".encode())
         for split in (self.train, self.val):
             for i in range(0, len(split), 1 << 24):  # chunks keep memory flat on large memmaps
@@ -90,7 +101,10 @@ class Corpus:
 
     @property
     def level(self) -> str:
-        """ "bytes" (byte-level text) or "tokens" (token files of an unknown tokenizer)."""
+        """ "bytes" (byte-level text), the tokenizer's name (prepared data) or "tokens" (token files of an
+        unknown tokenizer)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
         return "bytes" if self.bytes_per_token == 1.0 else "tokens"
 
     def bits_per_byte(self, loss_nats: float) -> float | None:
@@ -163,31 +177,43 @@ def _windows(data: np.ndarray, starts: list[int], seq_len: int) -> tuple[torch.T
 # ---------------------------------------------------------------------------------------------- token files
 
 
-def write_token_file(path: str | os.PathLike, tokens: np.ndarray) -> None:
-    """Write 1-D token ids (each in [0, 65536)) as a nanoGPT `.bin` token file, atomically."""
+def write_token_file(path: str | os.PathLike, tokens: np.ndarray, *, wide: bool = False) -> None:
+    """Write 1-D token ids as a `.bin` token file, atomically: nanoGPT's uint16 format (ids in [0, 65536)),
+    or with `wide` version 2 with uint32 ids."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
-        raise ValueError(f"token ids must be in [0, 65535], got [{tokens.min()}, {tokens.max()}]")
-    _write_token_chunks(Path(path), len(tokens), [tokens])
+    top = np.iinfo(np.uint32 if wide else np.uint16).max
+    if tokens.size and (tokens.min() < 0 or tokens.max() > top):
+        raise ValueError(f"token ids must be in [0, {top}], got [{tokens.min()}, {tokens.max()}]")
+    _write_token_chunks(Path(path), len(tokens), [tokens], itemsize=4 if wide else 2)
 
 
-def _write_token_chunks(path: Path, n_tokens: int, chunks: Iterable[np.ndarray]) -> None:
-    # tmp file in the same directory + os.replace: readers see the old file or the whole new one, and
-    # concurrent writers of the same cache entry (worker processes) just replace each other's identical copy
+def token_file_header(n_tokens: int, itemsize: int = 2) -> bytes:
+    """The 1024-byte header of a token file of `n_tokens` ids of `itemsize` bytes (2: version 1, 4: version 2)."""
+    if itemsize not in (2, 4):
+        raise ValueError(f"itemsize must be 2 or 4, got {itemsize}")
     if n_tokens >= 2**31:
         raise ValueError(f"{n_tokens} tokens do not fit the header's int32 count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, n_tokens)
+    header[:3] = (MAGIC, VERSION if itemsize == 2 else VERSION_WIDE, n_tokens)
+    if itemsize == 4:
+        header[3] = itemsize
+    return header.tobytes()
+
+
+def _write_token_chunks(path: Path, n_tokens: int, chunks: Iterable[np.ndarray], itemsize: int = 2) -> None:
+    # tmp file in the same directory + os.replace: readers see the old file or the whole new one, and
+    # concurrent writers of the same cache entry (worker processes) just replace each other's identical copy
+    header = token_file_header(n_tokens, itemsize)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
+            f.write(header)
             written = 0
             for chunk in chunks:
-                f.write(np.asarray(chunk).astype("<u2", copy=False).tobytes())
+                f.write(np.asarray(chunk).astype(f"<u{itemsize}", copy=False).tobytes())
                 written += len(chunk)
             assert written == n_tokens, (written, n_tokens)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache dir should stay readable
@@ -198,7 +224,8 @@ def _write_token_chunks(path: Path, n_tokens: int, chunks: Iterable[np.ndarray])
 
 
 def read_token_file(path: str | os.PathLike) -> np.memmap:
-    """Memory-map a nanoGPT `.bin` token file after checking its header against its size."""
+    """Memory-map a `.bin` token file (uint16, or uint32 for version 2) after checking its header against
+    its size."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -218,9 +245,14 @@ def read_token_file(path: str | os.PathLike) -> np.memmap:
             f"{path}: not a token file: header magic is {magic}, expected {MAGIC} "
             "(nanoGPT/modded-nanogpt .bin: 256 x int32 header, then uint16 tokens)"
         )
-    if version != VERSION:
-        raise DataError(f"{path}: token file version {version} is not supported (expected {VERSION})")
-    expected = HEADER_BYTES + 2 * n_tokens
+    if version not in (VERSION, VERSION_WIDE):
+        raise DataError(
+            f"{path}: token file version {version} is not supported (expected {VERSION} or {VERSION_WIDE})"
+        )
+    itemsize = 2 if version == VERSION else int(header[3])
+    if itemsize not in (2, 4):
+        raise DataError(f"{path}: header says {itemsize} bytes per token; expected 2 or 4 (corrupt file)")
+    expected = HEADER_BYTES + itemsize * n_tokens
     if n_tokens < 0 or size != expected:
         raise DataError(
             f"{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes; "
@@ -228,7 +260,7 @@ def read_token_file(path: str | os.PathLike) -> np.memmap:
         )
     if n_tokens == 0:
         raise DataError(f"{path}: token file holds no tokens")
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    return np.memmap(path, dtype=f"<u{itemsize}", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -246,7 +278,8 @@ def load_corpus(
 
     Args:
         source: None, "bundled" or "bundled:stdlib" for the bundled corpus; a text file or folder of text
-            files; a `.bin` token file; or a folder or glob pattern of `*train*.bin` and `*val*.bin` files.
+            files; a `.bin` token file; a folder or glob pattern of `*train*.bin` and `*val*.bin` files; or
+            a folder made by `moeforge data prepare` (see `load_prepared`).
         cache_dir: where built token files go; default `default_cache_dir()`.
         vocab_size: the model's vocabulary; default 256 for byte-level data and 50257 (GPT-2, or more
             if the data's ids need it) for token files. Every token id must be below it.
@@ -266,6 +299,8 @@ def load_corpus(
     path = Path(text).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / PREPARED_META).exists():
+        return load_prepared(path, vocab_size=vocab_size)
     if path.is_dir():
         bins = sorted(path.glob("*.bin"))
         if bins:
@@ -383,6 +418,99 @@ def _hash_lines(lines: Iterable[str]) -> str:
     for line in lines:
         h.update(line.encode() + b"\n")
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- prepared data
+
+PREPARED_META = "meta.json"
+PREPARED_FORMAT = "moeforge-tokens-v1"
+
+
+class TokenStream:
+    """Several token files read as one 1-D stream, in place: slicing reads only the pages it touches.
+
+    Supports what `Corpus` needs of an array: `len`, `dtype` and slices with step 1 (which may cross files).
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        assert parts, "a stream needs at least one part"
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])  # starts[i] = offset of part i; [-1] = length
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a TokenStream takes slices with step 1")
+        start, stop, _ = key.indices(len(self))
+        if stop <= start:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        out, pos = [], start
+        for i in range(first, len(self.parts)):
+            if pos >= stop:
+                break
+            lo, hi = pos - int(self.starts[i]), min(stop, int(self.starts[i + 1])) - int(self.starts[i])
+            out.append(self.parts[i][lo:hi])
+            pos = int(self.starts[i]) + hi
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def load_prepared(path: str | os.PathLike, *, vocab_size: int | None = None) -> Corpus:
+    """A dataset folder made by `moeforge data prepare`: `meta.json`, `train/*.bin` and `val/*.bin`.
+
+    Shards are memory-mapped, never read whole; `min_vocab_size` is the tokenizer's vocabulary,
+    `bytes_per_token` the one measured on the validation split, `level` the tokenizer's name, and the
+    fingerprint the one meta.json records.
+
+    Raises:
+        DataError: meta.json or a shard is missing or corrupt, or `vocab_size` is below the tokenizer's.
+    """
+    import json
+
+    path = Path(path)
+    meta_path = path / PREPARED_META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except OSError as e:
+        raise DataError(f"{meta_path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise DataError(f"{meta_path}: not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != PREPARED_FORMAT:
+        raise DataError(f"{meta_path}: not a moeforge dataset (format is not {PREPARED_FORMAT!r})")
+    tok = meta["tokenizer"]
+    need = int(tok["vocab_size"])
+    if vocab_size is not None and vocab_size < need:
+        raise DataError(
+            f"{path}: vocab_size {vocab_size} does not cover the tokenizer's vocabulary of {need} "
+            f"({tok['name']}); use vocab_size {need} or more"
+        )
+    splits = {}
+    for split in ("train", "val"):
+        shards = meta["splits"][split]["shards"]
+        if not shards:
+            raise DataError(f"{path}: the {split} split has no shards")
+        parts = []
+        for shard in shards:
+            arr = read_token_file(path / split / shard["file"])
+            if len(arr) != shard["tokens"]:
+                raise DataError(
+                    f"{path / split / shard['file']}: holds {len(arr)} tokens, meta.json says {shard['tokens']}"
+                )
+            parts.append(arr)
+        splits[split] = parts[0] if len(parts) == 1 else TokenStream(parts)
+    return Corpus(
+        str(path),
+        vocab_size or need,
+        splits["train"],
+        splits["val"],
+        bytes_per_token=meta["bytes_per_token"],
+        min_vocab_size=need,
+        tokenizer=tok["name"],
+        prepared_fingerprint=meta["fingerprint"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bundled corpus
