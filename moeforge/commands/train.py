@@ -48,7 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument(
-        "--data", metavar="PATH", help="text file/folder, .bin token file(s); default the bundled corpus"
+        "--data",
+        metavar="PATH",
+        help="a dataset folder of `moeforge data prepare`, text file/folder, .bin token file(s); default the "
+        "bundled corpus",
     )
     p.add_argument("--out", metavar="DIR", help="run dir (default runs/<spec-name>-<timestamp>)")
     p.add_argument(
@@ -91,7 +94,15 @@ def _fail(msg: str, code: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAIL, EXIT_OOM
     from moeforge.compiler import account, build, load_spec, spec_to_yaml
-    from moeforge.runtime import DataError, Diverged, OutOfMemory, TrainConfig, load_corpus, train
+    from moeforge.runtime import (
+        DataError,
+        Diverged,
+        OutOfMemory,
+        TrainConfig,
+        load_corpus,
+        planned_tokens,
+        train,
+    )
 
     given = {k: getattr(args, k) for k in _CFG_FLAGS + _BUDGET_FLAGS if getattr(args, k) is not None}
     if args.resume:
@@ -138,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(data, vocab_size=spec.vocab_size)
     except DataError as e:
         return _fail(str(e), EXIT_FAIL)
+    if data is not None and not args.json:
+        print(
+            data_line(corpus, acc.params_total, planned_tokens(cfg, spec.seq_len, acc.train_flops_per_token)),
+            file=sys.stderr,
+        )
     model = build(spec, seed=cfg.seed)
     for _, moe in model.moe_layers():
         moe.experts.dispatch = args.moe_dispatch
@@ -171,6 +187,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         render(summary)
     return 0
+
+
+def data_line(corpus, params: int, planned: int | None) -> str:
+    """One line on what the data holds against the model and the budget: tokens per parameter, epochs."""
+    from moeforge._format import count
+
+    n = len(corpus.train)
+    line = (
+        f"data: {corpus.name} ({corpus.level}, vocabulary {corpus.min_vocab_size:,}): {count(n)} training "
+        f"tokens, {n / params:.2f} per parameter"
+    )
+    if planned is None:
+        return line
+    epochs = planned / n
+    line += f"; the budget trains {count(planned)} tokens = {epochs:.2f} epochs"
+    return line + (" (repeats the data)" if epochs > 1 else "")
 
 
 def set_cpu_threads(threads: int | None, model) -> None:
