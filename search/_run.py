@@ -532,6 +532,7 @@ def run_worker(search: SearchSpec, study: optuna.Study, evaluate: Evaluate, opts
             trained += 1
             skips = 0
             _log_best(study, prefix, opts.log)
+            prune_checkpoints(study, search, opts.run_dir)
         elif outcome == "full":
             continue
         else:
@@ -707,6 +708,37 @@ def _maybe_retry(study: optuna.Study, trial: optuna.Trial, key: str, opts: Worke
     trial.set_user_attr("retried", True)
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     opts.log(f"{prefix} trial {trial.number}: queued again (a second failure of the same kind is final)")
+
+
+def prune_checkpoints(study: optuna.Study, search: SearchSpec, run_dir: Path) -> list[Path]:
+    """Delete the checkpoints of finished trials that `train.keep_checkpoints` does not keep; returns them.
+
+    A spec whose folder a running, queued or retried trial still needs is left alone, as is everything
+    outside this run dir's own trial folders (summaries and metrics always stay).
+    """
+    import shutil
+
+    policy = search.train.keep_checkpoints
+    if policy == "all":
+        return []
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(study)
+    keep = {best.user_attrs.get("spec_key")} if best is not None and policy == "best" else set()
+    keep |= {
+        t.user_attrs.get("spec_key")
+        for t in trials
+        if t.state in (TrialState.RUNNING, TrialState.WAITING) or t.user_attrs.get("retried")
+    }
+    finished: set[str] = {
+        t.user_attrs["spec_key"] for t in trials if t.state in FINISHED and "spec_key" in t.user_attrs
+    }
+    finished -= keep
+    removed = []
+    for key in sorted(finished):
+        for ckpt in sorted(trial_dir(run_dir, key).glob("seed-*/checkpoint*")):
+            shutil.rmtree(ckpt, ignore_errors=True)
+            removed.append(ckpt)
+    return removed
 
 
 def trial_dir(run_dir: Path, key: str) -> Path:

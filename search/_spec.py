@@ -272,6 +272,10 @@ class TrainSettings(_Section):
     """Corpus: null for the bundled one, or a path (see `moeforge.runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}
     """Other TrainConfig fields by name (e.g. warmup, eval_tokens), checked against TrainConfig on load."""
+    keep_checkpoints: Literal["best", "all", "none"] = "best"
+    """Which finished trials keep their trained weights (trials/<spec key>/seed-*/checkpoint): the best
+    so far (disk stays bounded; `moeforge export hf RUN_DIR` exports it), all, or none. Unfinished and
+    retried trials always keep theirs, to resume from."""
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -531,6 +535,8 @@ def _token_files(data: str, here: Path) -> bool:
         return True
     path = Path(data).expanduser()
     path = path if path.is_absolute() or path.exists() else here / path
+    if path.is_dir() and (path / "meta.json").is_file():
+        return False  # prepared by `moeforge data prepare`: meta.json carries the measured bytes per token
     return path.suffix == ".bin" or (path.is_dir() and any(path.glob("*.bin")))
 
 

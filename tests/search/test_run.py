@@ -333,3 +333,22 @@ def test_a_worker_with_other_data_refuses_to_join(make_search, tmp_path):
         r for r in json.loads((tmp_path / "run" / "trials.json").read_text()) if r["state"] == "COMPLETE"
     ]
     assert rec["data_fingerprint"] == _load(tmp_path / "run").user_attrs["data"]["fingerprint"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["best", "all"])
+def test_finished_trials_keep_checkpoints_by_policy(make_search, tmp_path, policy):
+    train = (
+        "train: {device: cpu, batch_size: 4, eval_points: 1, cpu_threads: 1, "
+        f"keep_checkpoints: {policy}, options: {{eval_tokens: 512}}}}"
+    )
+    s = make_search("  granularity: [1, 2, 4]", n_trials=3, extra=train)
+    out = run_search(s, RunConfig(tmp_path / "run", workers=1, plots=False), log=lambda _: None)
+    records = json.loads((tmp_path / "run" / "trials.json").read_text())
+    with_weights = {
+        r["number"]
+        for r in records
+        if list((tmp_path / "run" / r["trial_dir"]).glob("seed-*/checkpoint/model.safetensors"))
+    }
+    assert all((tmp_path / "run" / r["trial_dir"] / "seed-0" / "summary.json").is_file() for r in records)
+    assert with_weights == ({out["best"]["number"]} if policy == "best" else {r["number"] for r in records})
