@@ -40,7 +40,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,21 +103,31 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     interval = int(os.environ.get(HEARTBEAT_ENV, "30"))
     for attempt in range(8):
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs={} if scheme.startswith("sqlite") else {"pool_pre_ping": True},
-                heartbeat_interval=interval,
-                grace_period=2 * interval,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_ATTEMPTS - 1
-                ),
-            )
+            with _stable():
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={} if scheme.startswith("sqlite") else {"pool_pre_ping": True},
+                    heartbeat_interval=interval,
+                    grace_period=2 * interval,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_ATTEMPTS - 1
+                    ),
+                )
         except Exception as e:  # noqa: BLE001 - connection errors come in many types
             if _schema_race(e) and attempt < 7:
                 time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))
                 continue
             raise SearchStop(f"cannot open storage {redact(url)}: {str(e).splitlines()[0]}") from None
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _stable() -> Iterator[None]:
+    """Optuna marks heartbeats, stale-trial failing and metric names experimental (all there since 2.9 or
+    3.2, and what a shared search needs); the warning says nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def _schema_race(e: Exception) -> bool:
@@ -242,7 +253,8 @@ def open_study(
     if held is None:
         study.set_user_attr("search", search.model_dump(mode="json"))
         names = [search.objective.metric] + (["params_total"] if search.objective.params_total else [])
-        study.set_metric_names(names)
+        with _stable():  # what optuna-dashboard labels the objective by
+            study.set_metric_names(names)
     elif _comparable(SearchSpec.model_validate(held)) != _comparable(search):
         raise SearchStop(
             f"study {study_name!r} in {redact(storage_url)} holds a different search; "
@@ -451,7 +463,8 @@ def reap_dead(study: optuna.Study) -> list[int]:
     """Fail and re-queue running trials whose worker is gone; returns their numbers."""
     if _heartbeats(study):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        with _stable():
+            optuna.storages.fail_stale_trials(study)
         failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
         return sorted(before & failed)
     host = socket.gethostname()
