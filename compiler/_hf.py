@@ -1,9 +1,10 @@
 """Hugging Face interop: config.json <-> ModelSpec, and safetensors weights <-> our state_dict.
 
-Supported ``model_type``s: deepseek (DeepSeekMoE 16B's remote-code config), deepseek_v2, deepseek_v3, qwen2_moe,
-qwen3_moe, mixtral, olmoe. Import reads every key of a config: a key either maps to a spec field, is known to
-carry no architecture (token ids, dtype, bookkeeping), is checked to hold the one value moeforge builds
-(``attention_dropout: 0``), or is an error naming it; nothing is dropped silently. Export picks the first
+Supported ``model_type``s: deepseek (DeepSeekMoE 16B's remote-code config), deepseek_v2, deepseek_v3, glm4_moe,
+qwen2_moe, qwen3_moe, mixtral, olmoe, and for dense specs llama, qwen2, qwen3. Import reads every key of a
+config: a key either maps to a spec field, is known to carry no architecture (token ids, dtype, bookkeeping),
+is checked to hold the one value moeforge builds (``attention_dropout: 0``), or is an error naming it; nothing
+is dropped silently. Export picks the first
 family whose transformers implementation computes exactly what the spec describes (or the one asked for)
 and refuses, naming the field, when none does.
 
@@ -27,16 +28,44 @@ from pydantic import ValidationError
 
 from ._spec import MLASpec, ModelSpec, RopeSpec
 
-FAMILIES = ("deepseek", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+FAMILIES = (
+    "deepseek",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "olmoe",
+    "llama",
+    "qwen2",
+    "qwen3",
+)
+# Dense (no moe section) formats; every other format is an MoE one.
+DENSE = ("llama", "qwen2", "qwen3")
 # `--format auto` tries these in order and takes the first that expresses the spec exactly: each is a stock
 # transformers class (no remote code). Families that compute the spec with no added parameter come first;
-# qwen2_moe, whose shared-expert gate moeforge may have to pin at zero, is last.
-EXPORT_ORDER = ("deepseek_v3", "deepseek_v2", "qwen3_moe", "olmoe", "mixtral", "qwen2_moe")
+# qwen2_moe, whose shared-expert gate moeforge may have to pin at zero, is the last MoE one. glm4_moe takes
+# only sigmoid-scored specs without MLA and the dense formats only dense specs, which no other format
+# expresses, so adding them changed no earlier choice.
+EXPORT_ORDER = (
+    "deepseek_v3",
+    "deepseek_v2",
+    "glm4_moe",
+    "qwen3_moe",
+    "olmoe",
+    "mixtral",
+    "qwen2_moe",
+    "llama",
+    "qwen2",
+    "qwen3",
+)
 # Formats whose class lives in the model repo, not in transformers: written only when asked for by name.
 REMOTE_CODE = ("deepseek",)
 # The config key that carries what a stock config cannot say but the spec does (import reads it back):
 # how many shared experts were concatenated into one shared MLP, whether qwen2_moe's shared gate is a
-# pinned zero, and balance-loss settings of training that the family's config has no key for.
+# pinned zero, glm4_moe's selection-bias settings (its config always has a bias and no training keys), and
+# balance-loss settings of training that the family's config has no key for.
 MARKER = "moeforge"
 ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
@@ -46,10 +75,16 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 # transformers' defaults where a config leaves a key out.
-_EPS = {"mixtral": 1e-5, "olmoe": 1e-5}
+_EPS = {"mixtral": 1e-5, "olmoe": 1e-5, "glm4_moe": 1e-5}
 _THETA = {"mixtral": 1e6}
+_HEAD_DIM = {"qwen3": 128}
+_PARTIAL_ROTARY = {"glm4_moe": 0.5}  # the share of each head RoPE rotates; moeforge rotates all of it
 
 # Keys with no bearing on the computed function: token ids, storage dtype, library bookkeeping.
 _NO_ARCHITECTURE = {
@@ -128,6 +163,13 @@ def _rope(c: _Config) -> dict[str, Any]:
     params = c.get("rope_parameters", {}) or {}
     theta = params.get("rope_theta", c.get("rope_theta", _THETA.get(c.family, 10000.0)))
     c.used.add("rope_theta")
+    partial = params.get(
+        "partial_rotary_factor", c.get("partial_rotary_factor", _PARTIAL_ROTARY.get(c.family, 1.0))
+    )
+    if partial != 1:
+        raise HFError(
+            f"partial_rotary_factor: {partial!r} cannot be expressed by moeforge (RoPE rotates whole heads)"
+        )
     scaling = c.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
@@ -138,7 +180,14 @@ def _rope(c: _Config) -> dict[str, Any]:
             raise HFError(f"rope_scaling.type: {kind!r} cannot be expressed by moeforge (only yarn)")
         if scaling.get("truncate", True) is not True or scaling.get("attention_factor") is not None:
             raise HFError("rope_scaling: truncate/attention_factor cannot be expressed by moeforge")
-        known = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings"}
+        known = {
+            "type",
+            "rope_type",
+            "rope_theta",
+            "factor",
+            "original_max_position_embeddings",
+            "partial_rotary_factor",
+        }
         known |= {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate", "attention_factor"}
         extra = [k for k in scaling if k not in known]
         if extra:
@@ -190,7 +239,7 @@ def _mha(c: _Config, qkv_bias: bool, out_bias: bool, qk_norm: str = "none") -> d
     att: dict[str, Any] = {"kind": "mha" if kv == heads else "gqa", "n_heads": heads}
     if kv != heads:
         att["n_kv_heads"] = kv
-    head_dim = c.get("head_dim")
+    head_dim = c.get("head_dim", _HEAD_DIM.get(c.family))
     if head_dim is not None and head_dim != c.req("hidden_size") // heads:
         att["head_dim"] = head_dim
     att.update(qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm)
@@ -349,6 +398,54 @@ def _mixtral_olmoe(c: _Config) -> dict[str, Any]:
     return spec
 
 
+def _glm4(c: _Config) -> dict[str, Any]:
+    """GLM-4.5's glm4_moe: DeepSeek-V3's routing (sigmoid, selection bias, groups) with GQA attention."""
+    spec = _common(c)
+    qk_norm = "head" if c.get("use_qk_norm", False) else "none"
+    spec["attention"] = _mha(c, bool(c.get("attention_bias", False)), False, qk_norm)  # o_proj has none
+    spec["ffn"] = {"activation": "swiglu", "hidden": c.req("intermediate_size")}
+    n_layers = spec["n_layers"]
+    first = min(int(c.get("first_k_dense_replace", 1)), n_layers)
+    moe: dict[str, Any] = _layers_form(list(range(first, n_layers)), n_layers)
+    routed = c.first("n_routed_experts", "num_local_experts")
+    if routed is None:
+        raise HFError("n_routed_experts: missing from the glm4_moe config")
+    moe.update(
+        routed_experts=routed,
+        shared_experts=c.get("n_shared_experts", 1),
+        top_k=c.req("num_experts_per_tok"),
+        expert_hidden=c.req("moe_intermediate_size"),
+    )
+    moe["gate"] = {
+        "score": "sigmoid",
+        "selection_bias": True,  # e_score_correction_bias; the MARKER says when the spec has none
+        "normalize_topk": bool(c.get("norm_topk_prob", True)),
+        "routed_scaling": float(c.get("routed_scaling_factor", 1.0)),
+        "n_group": c.get("n_group", 1),
+        "topk_group": c.get("topk_group", 1),
+    }
+    spec["moe"] = moe
+    c.note(
+        "num_nextn_predict_layers", "multi-token-prediction modules are not part of the model moeforge builds"
+    )
+    c.note("num_mtp_layers", "multi-token-prediction modules are not part of the model moeforge builds")
+    return spec
+
+
+def _dense(c: _Config) -> dict[str, Any]:
+    """llama, qwen2 (bias on q, k, v only) and qwen3 (per-head qk-norm): dense SwiGLU decoders."""
+    spec = _common(c)
+    if c.family == "qwen2":
+        spec["attention"] = _mha(c, True, False)
+    else:
+        bias = bool(c.get("attention_bias", False))
+        spec["attention"] = _mha(c, bias, bias, "head" if c.family == "qwen3" else "none")
+    if c.family != "llama":
+        c.used |= {"sliding_window", "max_window_layers"}  # only used with use_sliding_window (checked false)
+    spec["ffn"] = {"activation": "swiglu", "hidden": c.req("intermediate_size")}
+    return spec
+
+
 _IMPORTERS: dict[str, Callable[[_Config], dict[str, Any]]] = {
     "deepseek": _deepseek,
     "deepseek_v2": _deepseek,
@@ -357,6 +454,10 @@ _IMPORTERS: dict[str, Callable[[_Config], dict[str, Any]]] = {
     "qwen3_moe": _qwen,
     "mixtral": _mixtral_olmoe,
     "olmoe": _mixtral_olmoe,
+    "glm4_moe": _glm4,
+    "llama": _dense,
+    "qwen2": _dense,
+    "qwen3": _dense,
 }
 
 
@@ -372,11 +473,24 @@ def config_to_spec(config: Mapping[str, Any], name: str | None = None) -> tuple[
     c = _Config(dict(config), family)
     data = _IMPORTERS[family](c)
     marker = c.get(MARKER, {}) or {}
-    unknown = set(marker) - {"shared_experts", "shared_gate", "balance", "ffn_hidden"}
-    if unknown or (family != "qwen2_moe" and {"shared_experts", "shared_gate"} & set(marker)):
+    unknown = set(marker) - {"shared_experts", "shared_gate", "balance", "ffn_hidden", "gate"}
+    if (
+        unknown
+        or (family != "qwen2_moe" and {"shared_experts", "shared_gate"} & set(marker))
+        or (family != "glm4_moe" and "gate" in marker)
+        or ("moe" not in data and marker)
+        or set(marker.get("gate", {})) - {"selection_bias", "bias_update_speed", "bias_is_parameter"}
+    ):
         raise HFError(f"{MARKER}: {sorted(marker)} cannot be expressed by moeforge for {family}")
     if "ffn_hidden" in marker:
         data["ffn"]["hidden"] = int(marker["ffn_hidden"])
+    if "gate" in marker:
+        gate = data["moe"]["gate"] = {**data["moe"]["gate"], **marker["gate"]}
+        if not gate["selection_bias"] and gate["n_group"] > 1:
+            # glm4_moe ranks groups by their two best scores, moeforge without a bias by the best one
+            raise HFError(
+                f"{MARKER}.gate.selection_bias: false cannot be expressed with n_group > 1 for {family}"
+            )
     if "balance" in marker and "moe" in data:
         data["moe"]["balance"] = {**data["moe"].get("balance", {}), **marker["balance"]}
     c.check_all_used()
@@ -393,19 +507,28 @@ def config_to_spec(config: Mapping[str, Any], name: str | None = None) -> tuple[
 def _not_any_family(spec: ModelSpec) -> str | None:
     """What no family expresses, with the nearest exportable change; None when some family might."""
     a, moe = spec.attention, spec.moe
+    kind = "MoE" if moe is not None else "dense"
     if spec.norm.kind != "rmsnorm":
-        return "norm.kind: layernorm is in no stock MoE class; use norm.kind: rmsnorm"
+        return f"norm.kind: layernorm is in no stock {kind} class; use norm.kind: rmsnorm"
     if not isinstance(spec.positions, RopeSpec):
-        return f"positions.kind: {spec.positions.kind} is in no stock MoE class; use positions.kind: rope"
+        return f"positions.kind: {spec.positions.kind} is in no stock {kind} class; use positions.kind: rope"
     if spec.positions.yarn is not None and not isinstance(a, MLASpec):
         return "positions.yarn: only exported with MLA (DeepSeek-V2/V3); drop positions.yarn"
     if spec.ffn.activation != "swiglu":
+        what = "experts are" if moe is not None else "FFNs are"
         return (
-            f"ffn.activation: {spec.ffn.activation} experts are in no stock MoE class (all use SwiGLU); "
+            f"ffn.activation: {spec.ffn.activation} {what} in no stock {kind} class (all use SwiGLU); "
             "use ffn.activation: swiglu"
         )
     if moe is None:
-        return "moe: a dense spec is not an MoE model; add a moe section"
+        if isinstance(a, MLASpec):
+            return "attention.kind: mla is in no stock dense class; use attention.kind: gqa"
+        if a.qk_norm == "full":
+            return (
+                "attention.qk_norm: full (over the whole projection) is in no stock pre-norm dense class; "
+                "use qk_norm: head (qwen3) or none (llama)"
+            )
+        return None
     if moe.capacity_factor is not None:
         return "moe.capacity_factor: transformers' MoE layers are dropless; drop moe.capacity_factor"
     return None
@@ -420,24 +543,35 @@ def _expressible(spec: ModelSpec, family: str) -> str | None:
     reason = _not_any_family(spec)
     if reason:
         return reason
+    if family in DENSE:
+        return _dense_expressible(spec, family)
     a, moe, d = spec.attention, spec.moe, spec.moe_derived
-    assert moe is not None and d is not None
+    if moe is None or d is None:
+        return f"moe: a dense spec is not an MoE model; {family} is one (dense formats: {', '.join(DENSE)})"
     g = moe.gate
     mla = isinstance(a, MLASpec)
     if mla != (family in ("deepseek_v2", "deepseek_v3")):
         return "attention.kind: mla is DeepSeek-V2/V3's" if mla else f"attention.kind: {family} uses MLA"
+    if family == "glm4_moe":
+        return _glm4_expressible(spec)
     if not mla and a.qk_norm != {"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"):
         return f"attention.qk_norm: {a.qk_norm} is not {family}'s"
     if moe.shared_gate and family != "qwen2_moe":
         return "moe.shared_gate: only qwen2_moe gates its shared expert"
     if (g.score == "sigmoid" or g.selection_bias) != (family == "deepseek_v3"):
-        return "moe.gate.score/selection_bias: sigmoid scores with a selection bias are deepseek_v3's (only)"
+        return (
+            "moe.gate.score/selection_bias: sigmoid scores with a selection bias are deepseek_v3's (MLA) "
+            "and glm4_moe's (MHA/GQA)"
+        )
     if g.score == "sigmoid" and not g.selection_bias:
         return "moe.gate.selection_bias: deepseek_v3 always has one"
     if g.n_group > 1 and family not in ("deepseek_v2", "deepseek_v3"):
-        return "moe.gate.n_group: group-limited routing is DeepSeek-V2/V3's"
+        return "moe.gate.n_group: group-limited routing is DeepSeek-V2/V3's (and glm4_moe's, with sigmoid scores)"
     if g.routed_scaling != 1 and family not in ("deepseek_v2", "deepseek_v3"):
-        return "moe.gate.routed_scaling: only DeepSeek-V2/V3 scale the routed experts"
+        return (
+            "moe.gate.routed_scaling: only DeepSeek-V2/V3 (and glm4_moe, with sigmoid scores) scale the "
+            "routed experts"
+        )
     moe_layers = set(spec.moe_layers)
     if family in ("deepseek_v2", "deepseek_v3"):
         k = min(moe_layers)
@@ -484,18 +618,75 @@ def _expressible(spec: ModelSpec, family: str) -> str | None:
     return None
 
 
+def _glm4_expressible(spec: ModelSpec) -> str | None:
+    """glm4_moe (transformers' Glm4MoeForCausalLM), read in modeling_glm4_moe.py: q/k/v biases on or off
+    together and none on o_proj; optional per-head qk RMSNorm with rms_norm_eps; RoPE over the whole head with
+    partial_rotary_factor 1 (written; the config's default is 0.5); routing always sigmoid scores plus
+    e_score_correction_bias to choose, groups ranked by the sum of their two best biased scores, gate values the
+    unbiased scores, renormalized if norm_topk_prob (a 1e-20 added to the sum, below fp32 resolution), times
+    routed_scaling_factor; one shared MLP of n_shared_experts x moe_intermediate_size, ungated; MoE from layer
+    first_k_dense_replace on."""
+    a, moe, d = spec.attention, spec.moe, spec.moe_derived
+    assert moe is not None and d is not None and not isinstance(a, MLASpec)
+    g = moe.gate
+    if g.score != "sigmoid":
+        return "moe.gate.score: glm4_moe scores experts with a sigmoid; use moe.gate.score: sigmoid"
+    if g.n_group > 1 and not g.selection_bias:
+        return (
+            "moe.gate.selection_bias: glm4_moe ranks expert groups by their two best biased scores, moeforge "
+            "without a bias by the best one; set moe.gate.selection_bias: true"
+        )
+    if d.routed_experts // g.n_group < 2:
+        return (
+            "moe.gate.n_group: glm4_moe sums each group's two best scores; use >= 2 routed experts per group"
+        )
+    if a.qk_norm == "full":
+        return "attention.qk_norm: full is not glm4_moe's (use_qk_norm is per head); use qk_norm: head"
+    if a.out_bias:
+        return "attention.out_bias: glm4_moe has biases on q, k, v only; use out_bias: false"
+    if moe.shared_gate:
+        return "moe.shared_gate: glm4_moe's shared experts are ungated; use shared_gate: false"
+    if d.shared_experts and d.shared_hidden != d.expert_hidden:
+        return (
+            "moe.shared_hidden: glm4_moe's shared experts have the routed experts' width; drop shared_hidden"
+        )
+    layers = spec.moe_layers
+    if not layers or list(layers) != list(range(layers[0], spec.n_layers)):
+        return "moe.layers: glm4_moe makes every layer from first_k_dense_replace on MoE; use moe.first_dense"
+    return None
+
+
+def _dense_expressible(spec: ModelSpec, family: str) -> str | None:
+    """llama: biases on all four projections or none, no qk-norm; qwen2: biases on q, k, v only; qwen3: per-head
+    qk RMSNorm (rms_norm_eps), biases on all four or none. All: SwiGLU (mlp_bias false), RMSNorm, full RoPE."""
+    a = spec.attention
+    if spec.moe is not None:
+        return f"moe: {family} is a dense format; drop the moe section"
+    assert not isinstance(a, MLASpec)
+    if a.qk_norm != ("head" if family == "qwen3" else "none"):
+        return f"attention.qk_norm: {a.qk_norm} is not {family}'s"
+    if family == "qwen2" and (not a.qkv_bias or a.out_bias):
+        return "attention.qkv_bias: qwen2 always has biases on q, k, v and none on o"
+    if family != "qwen2" and a.qkv_bias != a.out_bias:
+        return f"attention.out_bias: {family}'s attention_bias puts a bias on all four projections or none"
+    return None
+
+
 def _nearest(spec: ModelSpec, reasons: dict[str, str | None]) -> str:
     """The one line to print when no stock format expresses `spec`: the feature, and the nearest change."""
     common = _not_any_family(spec)
     if common:
         return common
-    # the family closest in kind: MLA -> DeepSeek-V3/V2; sigmoid/bias -> V3; shared experts -> qwen2_moe
+    # the family closest in kind: MLA -> DeepSeek-V3/V2; sigmoid/bias without MLA -> glm4_moe; shared experts
+    # -> qwen2_moe; dense -> llama, qwen2 or qwen3 by their attention
     a, moe = spec.attention, spec.moe
-    assert moe is not None
-    if isinstance(a, MLASpec):
+    if moe is None:
+        assert not isinstance(a, MLASpec)
+        near = "qwen3" if a.qk_norm == "head" else "qwen2" if a.qkv_bias and not a.out_bias else "llama"
+    elif isinstance(a, MLASpec):
         near = "deepseek_v3" if moe.gate.score == "sigmoid" else "deepseek_v2"
     elif moe.gate.score == "sigmoid" or moe.gate.selection_bias:
-        near = "deepseek_v3"
+        near = "glm4_moe"
     elif moe.gate.normalize_topk and not (spec.moe_derived and spec.moe_derived.shared_experts):
         near = "qwen3_moe" if a.qk_norm == "head" else "olmoe" if a.qk_norm == "full" else "mixtral"
     else:
@@ -514,6 +705,8 @@ def _layer_config(spec: ModelSpec, family: str) -> dict[str, Any]:
         k = min(moe_layers)
         freq = 1 if len(moe_layers) < 2 else sorted(moe_layers)[1] - k
         return {"first_k_dense_replace": k, "moe_layer_freq": freq}
+    if family == "glm4_moe":
+        return {"first_k_dense_replace": min(moe_layers)}
     return {}
 
 
@@ -543,15 +736,28 @@ def choose_format(spec: ModelSpec, fmt: str | None = None) -> str:
 def _marker(spec: ModelSpec, family: str) -> dict[str, Any]:
     """What the family's config cannot hold but import needs back (see MARKER); {} when nothing."""
     moe, d = spec.moe, spec.moe_derived
-    assert moe is not None and d is not None
     out: dict[str, Any] = {}
+    if moe is None or d is None:
+        return out
     if family == "qwen2_moe" and (d.shared_experts != 1 or not moe.shared_gate):
         out.update(shared_experts=d.shared_experts, shared_gate=moe.shared_gate)
     if family in ("mixtral", "olmoe") and spec.ffn.hidden != d.expert_hidden:
         # no dense layer there, but the spec's standard width (the paper form refers to it)
         out["ffn_hidden"] = spec.ffn.hidden
-    b = moe.balance
+    g, b = moe.gate, moe.balance
+    if family == "glm4_moe":  # its config always has a selection bias (a buffer) and no training keys
+        gate: dict[str, Any] = {}
+        if not g.selection_bias:
+            gate["selection_bias"] = False  # exported as a zero bias
+        if g.bias_update_speed:
+            gate["bias_update_speed"] = g.bias_update_speed
+        if not g.bias_is_parameter:
+            gate["bias_is_parameter"] = False
+        if gate:
+            out["gate"] = gate
     balance: dict[str, Any] = {}
+    if family == "glm4_moe" and b.expert_alpha:
+        balance["expert_alpha"] = b.expert_alpha
     if b.per_sequence and not family.startswith("deepseek"):
         balance["per_sequence"] = True
     if b.device_alpha:
@@ -569,8 +775,7 @@ def spec_to_config(spec: ModelSpec, family: str | None = None) -> dict[str, Any]
     """
     family = choose_format(spec, family)
     a, moe, d = spec.attention, spec.moe, spec.moe_derived
-    assert moe is not None and d is not None and isinstance(spec.positions, RopeSpec)
-    g, b = moe.gate, moe.balance
+    assert isinstance(spec.positions, RopeSpec)
     cfg: dict[str, Any] = {
         "architectures": [ARCHITECTURES[family]],
         "model_type": family,
@@ -602,14 +807,42 @@ def spec_to_config(spec: ModelSpec, family: str | None = None) -> dict[str, Any]
         if family == "deepseek_v3":
             cfg["rope_interleave"] = a.rope_interleave
     else:
-        if spec.head_dim * a.n_heads != spec.d_model or a.head_dim is not None:
+        # always for glm4_moe and the dense formats (qwen3 defaults head_dim to 128, not d_model / n_heads)
+        if (
+            spec.head_dim * a.n_heads != spec.d_model
+            or a.head_dim is not None
+            or family in (*DENSE, "glm4_moe")
+        ):
             cfg["head_dim"] = spec.head_dim
         if family == "qwen2_moe":
             cfg["qkv_bias"] = a.qkv_bias
-        elif family != "mixtral":
+        elif family not in ("mixtral", "qwen2"):
             cfg["attention_bias"] = a.qkv_bias
+    if moe is None or d is None:  # a dense format (choose_format checked which)
+        cfg.update(intermediate_size=spec.ffn.hidden)
+        if family == "llama":
+            cfg["mlp_bias"] = False
+        else:
+            cfg["use_sliding_window"] = False
+        return cfg
+    g, b = moe.gate, moe.balance
     cfg.update(_layer_config(spec, family))
-    if family.startswith("deepseek"):
+    if family == "glm4_moe":
+        cfg.update(
+            intermediate_size=spec.ffn.hidden,
+            moe_intermediate_size=d.expert_hidden,
+            n_routed_experts=d.routed_experts,
+            n_shared_experts=d.shared_experts,  # 0: a zero-width shared MLP, which adds nothing
+            num_experts_per_tok=d.top_k,
+            norm_topk_prob=g.normalize_topk,
+            routed_scaling_factor=g.routed_scaling,
+            n_group=g.n_group,
+            topk_group=g.topk_group,
+            use_qk_norm=a.qk_norm == "head",
+            partial_rotary_factor=1.0,  # the config's default is 0.5
+            num_nextn_predict_layers=0,  # no multi-token-prediction modules
+        )
+    elif family.startswith("deepseek"):
         cfg.update(
             intermediate_size=spec.ffn.hidden,
             moe_intermediate_size=d.expert_hidden,
@@ -730,6 +963,27 @@ def _pinned_gate(spec: ModelSpec, family: str) -> bool:
     return family == "qwen2_moe" and spec.moe is not None and not spec.moe.shared_gate
 
 
+def _zero_fillers(spec: ModelSpec, family: str) -> dict[str, tuple[int, ...]]:
+    """HF tensors a format always has but the spec does not: written as zeros (or empty), checked on import.
+
+    glm4_moe always has e_score_correction_bias (a zero bias chooses as no bias does) and a shared MLP of
+    n_shared_experts x moe_intermediate_size (zero width when the spec has no shared expert).
+    """
+    moe, d = spec.moe, spec.moe_derived
+    if family != "glm4_moe" or moe is None or d is None:
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    for i in spec.moe_layers:
+        m = f"model.layers.{i}.mlp."
+        if not moe.gate.selection_bias:
+            out[m + "gate.e_score_correction_bias"] = (d.routed_experts,)
+        if not d.shared_experts:
+            out[m + "shared_experts.gate_proj.weight"] = (0, spec.d_model)
+            out[m + "shared_experts.up_proj.weight"] = (0, spec.d_model)
+            out[m + "shared_experts.down_proj.weight"] = (spec.d_model, 0)
+    return out
+
+
 def added_parameters(spec: ModelSpec, family: str) -> dict[str, int]:
     """Parameters transformers counts for the exported model beyond moeforge's total (negative: fewer).
 
@@ -768,6 +1022,9 @@ def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -
 
     for ours, theirs in _pairs(spec, family):
         out[ours] = take(theirs)
+    for key in _zero_fillers(spec, family):
+        if take(key).count_nonzero():
+            raise HFError(f"{key}: not zero, but the spec has no such tensor ({MARKER} in config.json)")
     d = spec.moe_derived
     n = _names(family)
     if _pinned_gate(spec, family):
@@ -819,6 +1076,9 @@ def hf_to_state_dict(spec: ModelSpec, family: str, tensors: Mapping[str, Any]) -
 def state_dict_to_hf(spec: ModelSpec, family: str, state: Mapping[str, Any]) -> dict[str, Any]:
     """HF checkpoint tensors (the Hub's per-expert layout) from our state_dict."""
     out = {theirs: state[ours].contiguous() for ours, theirs in _pairs(spec, family)}
+    like = state["tok_embeddings.weight"]
+    for key, shape in _zero_fillers(spec, family).items():
+        out[key] = like.new_zeros(shape)
     n = _names(family)
     d = spec.moe_derived
     if _pinned_gate(spec, family):

@@ -67,7 +67,8 @@ def model_card(spec: ModelSpec, fmt: str, evidence: Mapping[str, Any] | None = N
         "",
         f"# {spec.name or 'moeforge model'}",
         "",
-        f"A mixture-of-experts model written by `moeforge export hf` as transformers' `{fmt}` format "
+        f"A {'mixture-of-experts' if spec.moe is not None else 'dense'} model written by `moeforge export hf` "
+        f"as transformers' `{fmt}` format "
         f"({'remote code: the class is not in transformers' if remote else 'a stock class, no remote code'}).",
         "",
         "```python",

@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="write a spec or a search winner (with its weights) as a model transformers loads",
         description="Write DIR/config.json and DIR/README.md (a model card) for the first stock transformers "
-        "class (deepseek_v3, deepseek_v2, qwen3_moe, olmoe, mixtral, qwen2_moe) that computes exactly what the "
-        "spec describes, or for --format; the remote-code `deepseek` format is written only when named. A spec "
+        "class (deepseek_v3, deepseek_v2, glm4_moe, qwen3_moe, olmoe, mixtral, qwen2_moe; dense specs: llama, "
+        "qwen2, qwen3) that computes exactly what the spec describes, or for --format; the remote-code `deepseek` format is written only when named. A spec "
         "no stock class expresses is an error naming the feature (exit 2). Given a search run dir, export its "
         "best trial (or --trial N): that trial's spec and trained weights, and the search's evidence in the "
         "card. With --checkpoint (our model.safetensors, or a folder holding one) also DIR/model.safetensors. "
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         metavar="FORMAT",
         help="model_type to write: auto (default: the first stock class that is exact), or one of "
-        "deepseek_v3, deepseek_v2, qwen3_moe, olmoe, mixtral, qwen2_moe, deepseek (remote code)",
+        "deepseek_v3, deepseek_v2, glm4_moe, qwen3_moe, olmoe, mixtral, qwen2_moe, llama, qwen2, qwen3, "
+        "deepseek (remote code)",
     )
     p.add_argument("--force", action="store_true", help="overwrite DIR even if it holds another model")
     p.add_argument(

@@ -30,7 +30,7 @@ def test_import_config_only_writes_a_loadable_spec(tmp_path, capsys):
         ({"some_new_feature": 1}, "some_new_feature"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.type"),
-        ({"model_type": "llama"}, "model_type"),
+        ({"model_type": "gemma"}, "model_type"),
     ],
 )
 def test_inexpressible_field_is_a_one_line_error(tmp_path, capsys, change, named):

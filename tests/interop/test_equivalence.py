@@ -18,7 +18,7 @@ from moeforge import compiler
 
 from .conftest import tiny_hf_model
 
-pytestmark = pytest.mark.slow  # about 30 s of CPU for eight tiny models
+pytestmark = pytest.mark.slow  # about 25 s of CPU for twelve tiny models
 
 BASE = dict(
     vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64
@@ -56,6 +56,17 @@ CASES = {
     # OLMoE's: qk-norm over the whole projection, attention biases
     "olmoe": ("olmoe", dict(BASE, intermediate_size=12, num_experts=8, num_experts_per_tok=3,
         attention_bias=True)),
+    # GLM-4.5's: DeepSeek-V3's routing with GQA, per-head qk-norm, q/k/v bias; RoPE over whole heads
+    "glm4_moe": ("glm4_moe", dict(BASE, num_key_value_heads=2, head_dim=12, intermediate_size=48,
+        moe_intermediate_size=12, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
+        attention_bias=True, partial_rotary_factor=1.0, num_nextn_predict_layers=0)),
+    # dense: llama with biases on all four projections and tied embeddings; qwen2 (q/k/v bias); qwen3 (its
+    # default head_dim of 128, per-head qk-norm)
+    "llama": ("llama", dict(BASE, num_key_value_heads=2, intermediate_size=48, attention_bias=True,
+        tie_word_embeddings=True)),
+    "qwen2": ("qwen2", dict(BASE, num_key_value_heads=2, intermediate_size=48)),
+    "qwen3": ("qwen3", dict(BASE, num_key_value_heads=2, intermediate_size=48)),
 }  # fmt: skip
 
 
@@ -96,7 +107,7 @@ def test_logits_equal_transformers(imported):
 def test_param_count_equals_transformers(imported):
     case, hf, _, spec, ours = imported
     n_hf = sum(p.numel() for p in hf.parameters())
-    bias = spec.moe.gate.selection_bias and spec.moe.gate.bias_is_parameter  # a buffer in transformers
+    bias = spec.moe and spec.moe.gate.selection_bias and spec.moe.gate.bias_is_parameter  # a buffer there
     expected = n_hf + (len(spec.moe_layers) * spec.moe_derived.routed_experts if bias else 0)
     assert compiler.account(spec).params_total == expected == sum(p.numel() for p in ours.parameters())
 

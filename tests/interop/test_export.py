@@ -63,6 +63,54 @@ CASES = {
         ),
         "deepseek_v3",
     ),  # fmt: skip
+    # DeepSeek-V3's routing without MLA (GLM-4.5): sigmoid, selection bias, groups, per-head qk-norm, q/k/v bias
+    "glm4_v3_routing": (
+        dict(
+            attention=dict(GQA, qkv_bias=True, qk_norm="head"),
+            moe=dict(
+                MOE,
+                shared_experts=1,
+                first_dense=1,
+                gate={
+                    "score": "sigmoid",
+                    "selection_bias": True,
+                    "normalize_topk": True,
+                    "routed_scaling": 2.5,
+                    "n_group": 4,
+                    "topk_group": 2,
+                    "bias_update_speed": 0.001,
+                },
+                balance={"expert_alpha": 0.003},
+            ),
+        ),
+        "glm4_moe",
+    ),  # fmt: skip
+    # sigmoid without a bias (a zero one there), no shared expert (a zero-width shared MLP there)
+    "glm4_no_bias_no_shared": (dict(attention=MHA, moe=dict(MOE, gate={"score": "sigmoid"})), "glm4_moe"),
+    "glm4_buffer_2shared_tied": (
+        dict(
+            tie_embeddings=True,
+            attention=GQA,
+            moe=dict(
+                MOE,
+                shared_experts=2,
+                gate={"score": "sigmoid", "selection_bias": True, "bias_is_parameter": False},
+            ),
+        ),
+        "glm4_moe",
+    ),  # fmt: skip
+    # dense specs (no moe section), deepseek-7b-dense's form: MHA with an explicit head_dim
+    "llama": (dict(attention=dict(MHA, head_dim=8)), "llama"),
+    "llama_gqa_bias_tied": (
+        dict(
+            tie_embeddings=True,
+            attention=dict(GQA, qkv_bias=True, out_bias=True),
+            positions={"kind": "rope", "theta": 5e5},
+        ),
+        "llama",
+    ),
+    "qwen2_dense": (dict(attention=dict(GQA, qkv_bias=True)), "qwen2"),
+    "qwen3_dense": (dict(attention=dict(GQA, head_dim=16, qk_norm="head")), "qwen3"),
 }
 
 
@@ -93,6 +141,8 @@ def _comparable(spec) -> dict:
     data = spec.model_dump(exclude={"name"})
     data["attention"]["head_dim"] = spec.head_dim
     d = spec.moe_derived
+    if d is None:
+        return data
     data["moe"].update(paper=None, shared_hidden=d.shared_hidden, shared_experts=d.shared_experts,
                        routed_experts=d.routed_experts, top_k=d.top_k, expert_hidden=d.expert_hidden)  # fmt: skip
     return data
@@ -161,6 +211,73 @@ def test_inexpressible_spec_names_feature_and_nearest_change(tmp_path, capsys):
     assert main(["export", "hf", "debug", "--set", "moe.gate.routed_scaling=2", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "moe.gate.routed_scaling" in err and "nearest stock format: qwen2_moe" in err
+
+
+SIGMOID = {"score": "sigmoid", "selection_bias": True}
+
+
+@pytest.mark.parametrize(
+    ("change", "fmt", "named"),
+    [
+        # sigmoid routing without MLA goes to glm4_moe; what glm4_moe cannot do is named with the nearest change
+        ({"attention": dict(GQA, qkv_bias=True, out_bias=True)}, "glm4_moe", "attention.out_bias"),
+        ({"attention": dict(MHA, qk_norm="full")}, "glm4_moe", "use qk_norm: head"),
+        ({"moe": dict(MOE, gate={"score": "sigmoid", "n_group": 4, "topk_group": 2})}, "glm4_moe",
+         "set moe.gate.selection_bias: true"),
+        ({"moe": dict(MOE, gate=SIGMOID, layers=[0])}, "glm4_moe", "moe.layers"),
+        ({"moe": dict(MOE, gate=SIGMOID, shared_experts=1, shared_hidden=20)}, "glm4_moe", "moe.shared_hidden"),
+        ({"moe": dict(MOE, gate={"score": "softmax", "selection_bias": True})}, "glm4_moe", "moe.gate.score"),
+        # dense specs: llama, qwen2 or qwen3, else the feature
+        ({"moe": None, "attention": dict(MHA, qk_norm="full")}, None, "attention.qk_norm: full"),
+        ({"moe": None, "attention": dict(MHA, out_bias=True)}, "llama", "attention.out_bias"),
+        ({"moe": None, "attention": MLA}, None, "attention.kind: mla is in no stock dense class"),
+    ],
+    ids=["out-bias", "qk-norm-full", "groups-without-bias", "layers-not-suffix", "shared-width",
+         "softmax-bias", "dense-qk-full", "dense-out-bias-only", "dense-mla"],
+)  # fmt: skip
+def test_glm4_and_dense_limits_are_one_line(change, fmt, named):
+    base = dict(attention=MHA, moe=dict(MOE, gate=SIGMOID))
+    spec = compiler.ModelSpec.model_validate({**TINY, **base, **change})
+    with pytest.raises(compiler.HFError) as e:
+        compiler.choose_format(spec)
+    msg = str(e.value)
+    assert named in msg and "\n" not in msg, msg
+    if fmt is not None:
+        assert f"nearest stock format: {fmt}" in msg, msg
+
+
+def test_dense_paper_spec_exports_as_llama_with_its_counts(tmp_path, capsys):
+    """deepseek-7b-dense at full size (config only; counted on the meta device) and at tiny size (weights)."""
+    assert main(["export", "hf", "deepseek-7b-dense", "--out", str(tmp_path / "7b"), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "format: llama (stock transformers class)" in printed
+    result = json.loads(printed[printed.index("{") :])
+    assert result["params_transformers"] == result["params_ours"] == 6_910_365_696
+    assert "A dense model" in (tmp_path / "7b" / "README.md").read_text()
+    tiny = ["--set", "d_model=64", "--set", "n_layers=2", "--set", "vocab_size=256", "--set", "ffn.hidden=96",
+            "--set", "attention.head_dim=16", "--set", "seq_len=64"]  # fmt: skip
+    spec = compiler.load_spec("deepseek-7b-dense", [a for a in tiny if a != "--set"])
+    from moeforge.runtime import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", compiler.build(spec, seed=0), None, {"step": 1})
+    args = ["export", "hf", "deepseek-7b-dense", *tiny, "--checkpoint", str(tmp_path / "ckpt")]
+    assert main([*args, "--out", str(tmp_path / "tiny"), "--check"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{") :])
+    assert result["max_rel_logit_diff"] <= 1e-5 and len(result["generated"]) == 4
+
+
+def test_dense_gelu_spec_names_the_activation(tmp_path, capsys):
+    assert main(["export", "hf", "dense-2b", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ffn.activation: gelu FFNs are in no stock dense class" in err and "\n" not in err
+
+
+def test_glm_config_with_partial_rope_is_an_import_error():
+    cfg = spec_to_config(_spec("glm4_v3_routing"))
+    config_to_spec(cfg)  # as exported: partial_rotary_factor 1
+    with pytest.raises(compiler.HFError, match="partial_rotary_factor: 0.5"):
+        config_to_spec({k: v for k, v in cfg.items() if k != "partial_rotary_factor"})  # GLM-4.5's default
 
 
 # ---------------------------------------------------------------------------------------- run dirs
