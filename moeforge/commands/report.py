@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--measure", action="store_true", help="build the model and measure FLOPs and parameters")
     p.add_argument("--list", action="store_true", help="list the shipped specs and exit")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="also say the data's training tokens per parameter: `bundled`, a folder of `moeforge data "
+        "prepare`, text or .bin token files",
+    )
+    p.add_argument(
+        "--budget-flops",
+        type=float,
+        metavar="C",
+        help="with --data: how many tokens and epochs this training budget makes (and whether it repeats data)",
+    )
     p.set_defaults(run=run)
 
 
@@ -56,10 +68,33 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:  # too big to build here: one line, no traceback
             print(f"moeforge report --measure: {e}", file=sys.stderr)
             return 1
+    line = None
+    if args.data is not None:  # loading data imports torch; only when asked
+        from moeforge.runtime import DataError, load_corpus
+
+        from .train import data_line
+
+        try:
+            corpus = load_corpus(None if args.data == "bundled" else args.data)
+        except DataError as e:
+            print(f"moeforge report --data: {e}", file=sys.stderr)
+            return 2
+        acc = rep["params"]["total"]
+        planned = int(args.budget_flops // rep["flops"]["train_per_token"]) if args.budget_flops else None
+        line = data_line(corpus, acc, planned)
+        rep["data"] = {
+            "name": corpus.name,
+            "train_tokens": len(corpus.train),
+            "tokens_per_param": len(corpus.train) / acc,
+            "budget_tokens": planned,
+            "epochs": planned / len(corpus.train) if planned is not None else None,
+        }
     if args.json:
         print_json(rep)
     else:
         render(rep, by=args.by)
+        if line:
+            print(line)
     return 0
 
 

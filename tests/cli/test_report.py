@@ -161,3 +161,21 @@ def test_validate_and_report_never_import_torch() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "quickstart: ok (search quickstart)" in proc.stdout
     assert proc.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_report_says_tokens_per_parameter_and_epochs_of_the_data(capsys):
+    from moeforge.compiler import account, load_spec
+
+    acc = account(load_spec("debug"))
+    assert main(["report", "debug", "--data", "bundled", "--budget-flops", "2e14", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["data"]
+    assert data["budget_tokens"] == int(2e14 // acc.train_flops_per_token)
+    assert data["tokens_per_param"] == pytest.approx(data["train_tokens"] / acc.params_total)
+    assert (
+        data["epochs"] == pytest.approx(data["budget_tokens"] / data["train_tokens"]) and data["epochs"] > 1
+    )
+    assert main(["report", "debug", "--data", "bundled", "--budget-flops", "2e14"]) == 0
+    out = capsys.readouterr().out
+    assert "per parameter" in out and "(repeats the data)" in out
+    assert main(["report", "debug", "--data", "/no/such/data"]) == 2
+    assert "no such file" in capsys.readouterr().err
