@@ -28,6 +28,7 @@ A retried trial resumes from its own checkpoint: the folder of a trial is keyed 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import itertools
 import json
@@ -64,7 +65,8 @@ Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]]
 MAX_SKIPS = 200  # consecutive proposals that train nothing before the space counts as exhausted
 MAX_ATTEMPTS = 3  # trainings of one spec (first try and retries, for failures and for dead workers)
 POLL_S = 1.0  # how often a waiting worker looks at the study again
-SETTLE_S = 0.5  # after claiming a spec, how long to wait before checking that nobody else claimed it
+SETTLE_S = 0.5
+ORPHAN_S = 120.0  # a running trial without its worker's pid after this long lost its worker right after ask  # after claiming a spec, how long to wait before checking that nobody else claimed it
 HEARTBEAT_ENV = "MOEFORGE_SEARCH_HEARTBEAT_S"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -460,15 +462,27 @@ def _alive(pid: int) -> bool:
 
 
 def reap_dead(study: optuna.Study) -> list[int]:
-    """Fail and re-queue running trials whose worker is gone; returns their numbers."""
+    """Fail and re-queue running trials whose worker is gone; returns their numbers.
+
+    Also a running trial that never got its worker's host and pid (set right after ask) for ORPHAN_S:
+    its worker died in that window, and neither a pid check nor a heartbeat would ever find it.
+    """
+    now = datetime.datetime.now()
+    orphans = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if "pid" not in t.user_attrs
+        and t.datetime_start is not None
+        and (now - t.datetime_start).total_seconds() > ORPHAN_S
+    ]
+    out = [t.number for t in orphans if _fail_and_retry(study, t)]
     if _heartbeats(study):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         with _stable():
             optuna.storages.fail_stale_trials(study)
         failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-        return sorted(before & failed)
+        return sorted(set(out) | (before & failed))
     host = socket.gethostname()
-    out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if not isinstance(pid, int) or pid == os.getpid() or t.user_attrs.get("host") != host:

@@ -190,28 +190,34 @@ def _load(run_dir: Path, name: str = "t") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(str(run_dir / "study.journal")))
 
 
-def _count_done(run_dir: Path) -> int:
+def _training(run_dir: Path) -> tuple[int, bool]:
+    """(trials done, whether a trial is training right now) of the journal in run_dir."""
     try:
-        return sum(t.state == TrialState.COMPLETE for t in _load(run_dir).get_trials())
+        trials = _load(run_dir).get_trials()
     except Exception:
-        return 0
+        return 0, False
+    done = sum(t.state == TrialState.COMPLETE for t in trials)
+    return done, any(t.state == TrialState.RUNNING and t.user_attrs.get("counted") for t in trials)
 
 
 @pytest.mark.slow
 def test_resume_after_kill(make_search, tmp_path):
     make_search(n_trials=4)  # writes t.yaml
     run_dir = tmp_path / "run"
-    cmd = command(tmp_path / "t.yaml", run_dir, 0.8)
+    cmd = command(tmp_path / "t.yaml", run_dir, 2.0)
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while _count_done(run_dir) < 2 and time.time() < deadline:
-        time.sleep(0.2)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill mid-trial, after two trials finished
+        done, busy = _training(run_dir)
+        if done >= 2 and busy:
+            break
+        time.sleep(0.1)
     p.send_signal(signal.SIGKILL)
     p.wait()
     study = _load(run_dir)
     first = {t.number: t.values for t in study.get_trials() if t.state == TrialState.COMPLETE}
     cut = [t.number for t in study.get_trials() if t.state == TrialState.RUNNING]
-    assert 2 <= len(first) < 4 and cut
+    assert 2 <= len(first) < 4 and cut, (len(first), cut)
     # a kill during a journal write leaves its lock file, which Optuna breaks after its 30 s grace period
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -352,3 +358,16 @@ def test_finished_trials_keep_checkpoints_by_policy(make_search, tmp_path, polic
     }
     assert all((tmp_path / "run" / r["trial_dir"] / "seed-0" / "summary.json").is_file() for r in records)
     assert with_weights == ({out["best"]["number"]} if policy == "best" else {r["number"] for r in records})
+
+
+def test_a_trial_whose_worker_died_right_after_ask_is_failed_and_retried(make_search, tmp_path, monkeypatch):
+    """Killed between ask and recording its pid: no pid check or heartbeat finds it, its age does."""
+    s = make_search(n_trials=1)
+    study = _study(s)
+    orphan = study.ask()  # what a worker killed right after ask leaves behind
+    assert run_mod.reap_dead(study) == []  # young: its worker may still be starting it
+    monkeypatch.setattr(run_mod, "ORPHAN_S", 0.0)
+    assert run_mod.reap_dead(study) == [orphan.number]
+    trials = study.get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert trials[-1].state == TrialState.WAITING and trials[-1].user_attrs["retry_of"] == orphan.number
