@@ -320,7 +320,6 @@ def test_two_workers_proposing_one_spec_train_it_once(make_search, tmp_path):
     assert {(t.params["m"], t.params["K_s"]) for t in real} == {(1, 0), (2, 0), (2, 1), (4, 0), (4, 1)}
     reused = [t for t in trials if t.user_attrs.get("reused_from") is not None]
     assert reused, "both workers propose the same first spec"
-    assert any("waiting for it" in e for e in errs)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
