@@ -508,7 +508,16 @@ def _fresh_attrs(trial: optuna.Trial, opts: WorkerOptions) -> None:
     # A retry is queued with the attrs of the trial it retries (Optuna's stale-trial callback copies
     # them); the decisions of that attempt do not carry over.
     carried = trial.user_attrs
-    for k in ("counted", "claim", "reused_from", "infeasible", "fail_reason", "fail_kind", "retried"):
+    for k in (
+        "counted",
+        "claim",
+        "reused_from",
+        "infeasible",
+        "fail_reason",
+        "fail_kind",
+        "retried",
+        "waiting_for",
+    ):
         if k in carried:
             trial.set_user_attr(k, False if k in ("counted", "claim") else None)
     trial.set_user_attr("host", socket.gethostname())
@@ -634,8 +643,7 @@ def _run_trial(
         )
         return "skipped"
     trial.set_user_attr("counted", True)
-    ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
-    if len(ahead) >= search.n_trials:  # other workers filled the cap since we looked
+    if not _under_cap(study, trial, search.n_trials, opts):  # other workers filled the cap since we looked
         trial.set_user_attr("skipped", "n_trials reached by other workers")
         study.tell(trial, state=TrialState.FAIL)
         return "full"
@@ -646,6 +654,31 @@ def _run_trial(
         _maybe_retry(study, trial, key, opts)
     study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
     return "trained"
+
+
+def _under_cap(study: optuna.Study, trial: optuna.Trial, cap: int, opts: WorkerOptions) -> bool:
+    """Whether this trial, just marked counted, may train without the study passing `cap`.
+
+    Only earlier trials (lower numbers) are weighed: those counted, and those still running that may yet
+    count (not yet decided, and not waiting on another trial's result). Of trials deciding at once the
+    later ones wait for the earlier ones, so the cap holds however the workers interleave.
+    """
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+        done = len(counted(earlier))
+        undecided = [
+            t
+            for t in earlier
+            if t.state == TrialState.RUNNING
+            and not t.user_attrs.get("counted")
+            and t.user_attrs.get("waiting_for") is None
+        ]
+        if done >= cap:
+            return False
+        if done + len(undecided) < cap:
+            return True
+        time.sleep(opts.poll_s / 5)
+        reap_dead(study)
 
 
 def _same_key(study: optuna.Study, key: str, number: int) -> list[FrozenTrial]:
@@ -675,6 +708,7 @@ def _claim(study: optuna.Study, trial: optuna.Trial, key: str, opts: WorkerOptio
             return min(done, key=lambda t: t.number)
         claims = [t for t in others if t.state == TrialState.RUNNING and t.user_attrs.get("claim")]
         if not claims:
+            trial.set_user_attr("waiting_for", None)
             trial.set_user_attr("claim", True)
             if not any(
                 t.state == TrialState.RUNNING
@@ -692,6 +726,7 @@ def _claim(study: optuna.Study, trial: optuna.Trial, key: str, opts: WorkerOptio
                 return None
             trial.set_user_attr("claim", False)
             claims = rivals
+        trial.set_user_attr("waiting_for", claims[0].number)  # not a candidate for the cap meanwhile
         _say_once(
             opts,
             f"{prefix} trial {trial.number}: same spec as running trial {claims[0].number}; waiting for it",
