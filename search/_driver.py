@@ -57,8 +57,9 @@ def auto_workers(search: SearchSpec, device: str | None = None) -> int:
     (one worker when `train.cpu_threads` is unset, since torch then uses every core); never more
     workers than trials."""
     dev = device or search.train.device
-    if dev in ("auto", "cuda") and _gpus():
-        n = len(_gpus())
+    gpus = _gpus() if dev in ("auto", "cuda") else []
+    if gpus:
+        n = len(gpus)
     elif search.train.cpu_threads:
         n = max(1, (os.cpu_count() or 1) // search.train.cpu_threads)
     else:
