@@ -269,3 +269,30 @@ def leaderboard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (kind, r["value"] if r["value"] is not None else float("inf"), r["number"])
 
     return sorted(records, key=key)
+
+
+# ------------------------------------------------------------------------------------------ seed noise
+TIE_RULE = (
+    "tied: the gap to the best mean is under twice its standard error, "
+    "2 * sqrt(s_best^2 / n_best + s^2 / n) over seeds (n >= 2 each)"
+)
+"""How leaderboards decide that an entry is within the seed noise of the best (the README quotes it)."""
+
+
+def seed_stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation over seeds (None with one seed: no noise estimate)."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def tied(best: list[float], other: list[float]) -> bool | None:
+    """Whether `other`'s mean is within the seed noise of `best`'s (`TIE_RULE`); None when either has
+    one seed, so there is no noise estimate."""
+    if len(best) < 2 or len(other) < 2:
+        return None
+    (mb, sb), (mo, so) = seed_stats(best), seed_stats(other)
+    assert sb is not None and so is not None
+    se = (sb**2 / len(best) + so**2 / len(other)) ** 0.5
+    return abs(mo - mb) < 2 * se
