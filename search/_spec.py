@@ -7,9 +7,6 @@ spec and a space of changes to it; every trial's model spec comes from `trial_to
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -21,7 +18,6 @@ from pydantic import (
     Field,
     GetJsonSchemaHandler,
     Tag,
-    create_model,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -337,22 +333,31 @@ SEARCH_CHECKPOINT_EVERY_S = 60.0
 def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: str) -> TrainConfig:
     """The trainer's config for one run of a trial: the search's own settings, then `train.options`.
 
-    `load_search` has checked the options against TrainConfig's fields, so this raises only for a spec
+    `load_search` has checked the options against TrainConfig itself, so this raises only for a spec
     that did not come through it.
     """
     from moeforge.runtime import TrainConfig
 
+    return TrainConfig(**_train_config_data(search, budget_flops=budget_flops, seed=seed, device=device))
+
+
+def _train_config_data(search: SearchSpec, *, budget_flops: float, seed: int, device: str) -> dict[str, Any]:
     s = search.train
     settings: dict[str, Any] = {
         k: v for k, v in (("batch_size", s.batch_size), ("lr", s.lr)) if v is not None
     }
-    options: dict[str, Any] = dict(s.options)  # values checked against TrainConfig's field types on load
+    options: dict[str, Any] = dict(s.options)
     # A retried or resumed trial continues from its last checkpoint: keep that close (the trainer's own
     # default is 5 minutes; a tiny model's checkpoint takes milliseconds).
     options.setdefault("checkpoint_every_s", SEARCH_CHECKPOINT_EVERY_S)
-    return TrainConfig(
-        budget_flops=budget_flops, seed=seed, device=device, eval_points=s.eval_points, **settings, **options
-    )
+    return {
+        "budget_flops": budget_flops,
+        "seed": seed,
+        "device": device,
+        "eval_points": s.eval_points,
+        **settings,
+        **options,
+    }
 
 
 def search_schema() -> dict:
@@ -407,32 +412,26 @@ def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
         for k in s.options
         if k in owned
     ]
-    # TrainConfig is a plain dataclass: a strict pydantic twin of its other fields gives the same located
-    # messages as the spec's (unknown key with did-you-mean, wrong type, YAML number hints).
-    hints = typing.get_type_hints(TrainConfig)
-    twin_fields: dict[str, Any] = {
-        f.name: (hints[f.name], None) for f in dataclasses.fields(TrainConfig) if f.name not in owned
-    }
-    twin = create_model("TrainOptions", __config__=ConfigDict(extra="forbid", strict=True), **twin_fields)
-    sub_locs = {k[len(where) :]: v for k, v in locs.items() if k[: len(where)] == where}
-    sub_locs[()] = locate(locs, where)
-    try:
-        validate(twin, {k: v for k, v in s.options.items() if k not in owned}, sub_locs)
-    except SpecError as e:
-        problems += [
-            Problem(p.loc, f"train.options.{p.key}" if p.key else "train.options", p.message)
-            for p in e.problems
-        ]
     if problems:
         return problems
-    try:  # TrainConfig's own checks (ranges, micro_batch_size <= batch_size, ...)
-        train_config(search, budget_flops=search.budget.train_flops, seed=search.seeds[0], device=s.device)
-    except (TypeError, ValueError) as e:
-        m = re.match(r"(\w+): (.*)", str(e))
-        key, msg = (m.group(1), m.group(2)) if m and m.group(1) in s.options else (None, str(e))
-        path = (*where, key) if key else where
-        return [Problem(locate(locs, path), ".".join(map(str, path)), msg)]
-    return []
+    # TrainConfig itself, strictly like the spec's sections (unknown key with did-you-mean, wrong type, YAML
+    # number hints), with the search's own settings in, so its checks across keys (micro_batch_size <=
+    # batch_size) see what the trainer will.
+    sub_locs = {k[len(where) :]: v for k, v in locs.items() if k[: len(where)] == where}
+    sub_locs[()] = locate(locs, where)
+    data = _train_config_data(
+        search, budget_flops=search.budget.train_flops, seed=search.seeds[0], device=s.device
+    )
+    try:
+        validate(TrainConfig, data, sub_locs)
+    except SpecError as e:
+        for p in e.problems:
+            if p.key.split(".")[0] in s.options:
+                problems.append(Problem(p.loc, f"train.options.{p.key}", p.message))
+            else:  # a key the search sets (or none): say which, at the options
+                msg = f"{p.key}: {p.message}" if p.key else p.message
+                problems.append(Problem(locate(locs, where), "train.options", msg))
+    return problems
 
 
 def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpec:
