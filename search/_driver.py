@@ -112,7 +112,7 @@ def run_search(
     done_before = len(counted(study.get_trials(deepcopy=False)))
     log(
         f"search {search.name!r}: study {name!r} in {redact(url)}; {done_before}/{search.n_trials} trials done, "
-        f"{search.budget.train_flops:.3g} training FLOPs each, {workers} worker{'s' * (workers > 1)}; "
+        f"{search.budget.label()} training FLOPs each, {workers} worker{'s' * (workers > 1)}; "
         f"data {corpus.name} ({len(corpus.train):,} train + {len(corpus.val):,} val tokens, "
         f"fingerprint {corpus.fingerprint})"
     )

@@ -30,6 +30,9 @@ RECORD_KEYS = (
     "n_layers",
     "params_total",
     "params_activated",
+    "params_non_embedding",
+    "params_activated_non_embedding",
+    "size",
     "forward_flops_per_token",
     "train_flops",
     "budget_flops",
@@ -38,6 +41,7 @@ RECORD_KEYS = (
     "val_bits_per_byte",
     "tokens_per_second",
     "load",
+    "seeds",
     "seed_values",
     "value_mean",
     "value_std",
@@ -51,6 +55,8 @@ RECORD_KEYS = (
     "retried",
     "died",
     "skipped",
+    "hparams",
+    "spec_key",
     "trial_dir",
     "data_fingerprint",
     "constraints",
@@ -70,6 +76,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         values=list(t.values) if t.values else None,
         params=dict(t.params),
         counted=bool(counted([t])),  # the same rule as the n_trials cap
+        size=t.params.get("size"),
         duration_s=t.duration.total_seconds() if t.duration else None,
     )
     retry = t.system_attrs.get("failed_trial")
@@ -96,10 +103,7 @@ def write_results(
     if best is not None and "spec" in best.user_attrs:
         spec = ModelSpec.model_validate(best.user_attrs["spec"])
         spec = spec.model_copy(update={"name": f"{search.name}-best"})
-        header = (
-            f"Best of search {search.name!r}: trial {best.number}, {search.objective.metric} = {best.values[0]:.4f}\n"
-            f"params: {json.dumps(best.params)}; trained on {search.budget.train_flops:.3g} FLOPs per seed"
-        )
+        header = f"Best of search {search.name!r}: {evidence(search, records, best.number)}"
         (run_dir / "best.yaml").write_text(spec_to_yaml(spec, header=header))
     made = write_plots(study, search, run_dir, records) if plots else []
     return {
@@ -296,3 +300,52 @@ def tied(best: list[float], other: list[float]) -> bool | None:
     assert sb is not None and so is not None
     se = (sb**2 / len(best) + so**2 / len(other)) ** 0.5
     return abs(mo - mb) < 2 * se
+
+
+def _seed_values(r: dict[str, Any]) -> list[float]:
+    return list(r["seed_values"] or ([r["value"]] if r["value"] is not None else []))
+
+
+def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> str:
+    """Why trial `number` is the best, for best.yaml's header: its value over seeds, the runner-up among
+    trials of the same budget, the gap, and whether the gap is within the seed noise (`TIE_RULE`)."""
+    by_number = {r["number"]: r for r in records}
+    best = by_number[number]
+    metric = search.objective.metric
+    mine = _seed_values(best)
+    mean, std = seed_stats(mine)
+    spread = (
+        f" +- {std:.4f} over {len(mine)} seeds {best['seeds']}"
+        if std is not None
+        else " (1 seed: no noise estimate)"
+    )
+    budget = best["budget_flops"]
+    lines = [
+        f"trial {number}, {metric} = {mean:.4f}{spread}",
+        f"params: {json.dumps(best['params'])}; trained on {budget:.3g} FLOPs per seed",
+    ]
+    rivals = [
+        r
+        for r in records
+        if r["state"] == "COMPLETE"
+        and r["reused_from"] is None
+        and r["number"] != number
+        and r["budget_flops"] == budget
+        and r["value"] is not None
+    ]
+    if rivals:
+        second = min(rivals, key=lambda r: r["value"])
+        gap = second["value"] - mean
+        tie = tied(mine, _seed_values(second))
+        verdict = {
+            True: "within the seed noise: tied",
+            False: "beyond the seed noise",
+            None: "no noise estimate",
+        }[tie]
+        lines.append(
+            f"runner-up: trial {second['number']} ({json.dumps(second['params'])}) at {second['value']:.4f}, "
+            f"gap {gap:.4f} ({verdict})"
+        )
+    else:
+        lines.append("runner-up: none (the only complete trial at this budget)")
+    return "\n".join(lines)

@@ -51,8 +51,17 @@ import optuna
 from moeforge.compiler import ModelSpec, account
 from optuna.trial import FrozenTrial, TrialState
 
-from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
-from ._spec import SearchSpec, train_config
+from ._space import (
+    Infeasible,
+    constraint_values,
+    describe,
+    grid_space,
+    spec_key,
+    suggest,
+    trial_budget,
+    trial_to_spec,
+)
+from ._spec import SearchSpec, hparams, train_config
 
 if TYPE_CHECKING:
     from moeforge.runtime import Corpus
@@ -375,7 +384,9 @@ def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None
                 seq_len=spec.seq_len,
                 train_flops_per_token=account(spec).train_flops_per_token,
                 corpus=dataclasses.replace(corpus, vocab_size=spec.vocab_size),
-                cfg=train_config(search, budget_flops=budget, seed=seed, device=dev),
+                cfg=train_config(
+                    search, budget_flops=budget, seed=seed, device=dev, rule=rule_for(search, spec, budget)
+                ),
                 out_dir=out_dir,
                 resume=resume,
                 on_eval=on_eval,
@@ -389,6 +400,12 @@ def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None
                 torch.cuda.empty_cache()
 
     return evaluate
+
+
+def rule_for(search: SearchSpec, spec: ModelSpec, budget: float) -> dict[str, Any]:
+    """`train.hparams` at this spec and budget (empty for fixed)."""
+    tokens = int(budget // account(spec).train_flops_per_token)
+    return hparams(search, budget, spec.seq_len, tokens)
 
 
 def _finished_summary(out_dir: Path, budget: float) -> dict | None:
@@ -621,7 +638,10 @@ def _run_trial(
     for k, v in describe(spec).items():
         trial.set_user_attr(k, v)
     trial.set_user_attr("spec", spec.model_dump(mode="json"))
-    key = spec_key(spec)
+    budget = trial_budget(search, params)
+    trial.set_user_attr("budget_flops", budget)
+    # The unit of work is a spec at a budget: on a ladder each budget has its own key (claims, folders).
+    key = spec_key(spec) + (f"-C{budget:.6g}" if search.budget.ladder else "")
     trial.set_user_attr("spec_key", key)
     limits = constraint_values(search, spec)
     data_why = data_problem(search, spec, opts.corpus) if opts.corpus is not None else None
@@ -633,6 +653,10 @@ def _run_trial(
     _constrain(trial, search, cons)
     if opts.corpus is not None:
         trial.set_user_attr("data_fingerprint", opts.corpus.fingerprint)
+
+    queued = {"sibling_of", "retry_of"} & set(trial.user_attrs)
+    if search.budget.ladder and search.sampler.kind != "grid" and not queued:  # drawn by the sampler
+        _enqueue_other_budgets(study, trial, params, search)
 
     # ---- one trainer per spec, across workers
     earlier = _claim(study, trial, key, opts)
@@ -654,6 +678,16 @@ def _run_trial(
         _maybe_retry(study, trial, key, opts)
     study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
     return "trained"
+
+
+def _enqueue_other_budgets(
+    study: optuna.Study, trial: optuna.Trial, params: dict, search: SearchSpec
+) -> None:
+    """A proposal of a ladder search that the sampler drew (not a queued one) is queued at every other
+    budget, so each architecture trains at every budget."""
+    for c in search.budget.budgets:
+        if c != params["budget"]:
+            study.enqueue_trial({**params, "budget": c}, user_attrs={"sibling_of": trial.number})
 
 
 def _under_cap(study: optuna.Study, trial: optuna.Trial, cap: int, opts: WorkerOptions) -> bool:
@@ -746,7 +780,9 @@ def _reuse(study: optuna.Study, trial: optuna.Trial, earlier: FrozenTrial) -> No
         "tokens",
         "value_mean",
         "value_std",
+        "seeds",
         "seed_values",
+        "hparams",
     ):
         if k in earlier.user_attrs:
             trial.set_user_attr(k, earlier.user_attrs[k])
@@ -818,7 +854,7 @@ def _train_trial(
 ) -> tuple[TrialState, list[float] | None]:
     prefix = f"[w{opts.worker}]"
     metric = search.objective.metric
-    budget = search.budget.train_flops
+    budget = trial_budget(search, trial.params)
     prune = search.pruner.kind != "none"
     eval_points = search.train.eval_points
     values: list[float] = []
@@ -875,8 +911,13 @@ def _train_trial(
     load = s0.get("load")
     if load is not None:
         trial.set_user_attr("load", json.loads(json.dumps(load, default=float)))
+    cfg = train_config(
+        search, budget_flops=budget, seed=search.seeds[0], device="cpu", rule=rule_for(search, spec, budget)
+    )
+    trial.set_user_attr("hparams", {"rule": search.train.hparams, "lr": cfg.lr, "batch_size": cfg.batch_size})
+    trial.set_user_attr("seeds", list(search.seeds))
+    trial.set_user_attr("seed_values", values)
     if len(values) > 1:
-        trial.set_user_attr("seed_values", values)
         trial.set_user_attr("value_std", statistics.stdev(values))
         trial.set_user_attr("train_flops_all", [s.get("train_flops") for s in summaries])
     mean = statistics.fmean(values)
@@ -904,13 +945,17 @@ def _violations(search: SearchSpec, limits: list[float]) -> str:
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The lowest-loss complete trial that trained itself (reused results point at their original)."""
+    """The lowest-loss complete trial that trained itself (reused results point at their original); on a
+    budget ladder, of the largest budget that has one (losses of different budgets do not compare)."""
     done = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.user_attrs.get("reused_from") is None
     ]
-    return min(done, key=lambda t: t.values[0]) if done else None
+    if not done:
+        return None
+    top = max(t.params.get("budget", 0.0) for t in done)
+    return min((t for t in done if t.params.get("budget", 0.0) == top), key=lambda t: t.values[0])
 
 
 def _log_best(study: optuna.Study, prefix: str, log: Callable[[str], None]) -> None:

@@ -37,7 +37,16 @@ def suggest(trial: Any, search: SearchSpec) -> dict[str, Any]:
         params["K_s"] = trial.suggest_categorical("K_s", list(space.shared))
     if space.width_depth:
         params["n_layers"] = trial.suggest_categorical("n_layers", list(space.width_depth.n_layers))
+    if space.size:
+        params["size"] = trial.suggest_categorical("size", list(space.size.factors or ()))
+    if search.budget.ladder:
+        params["budget"] = trial.suggest_categorical("budget", list(search.budget.budgets))
     return params
+
+
+def trial_budget(search: SearchSpec, params: dict[str, Any]) -> float:
+    """The training FLOPs (per seed) of a trial: its `budget` parameter on a ladder, else the one budget."""
+    return float(params.get("budget", search.budget.budgets[0]))
 
 
 def grid_space(search: SearchSpec) -> dict[str, list[Any]]:
@@ -60,6 +69,10 @@ def grid_space(search: SearchSpec) -> dict[str, list[Any]]:
         out["K_s"] = list(space.shared)
     if space.width_depth:
         out["n_layers"] = list(space.width_depth.n_layers)
+    if space.size:
+        out["size"] = list(space.size.factors or ())
+    if search.budget.ladder:
+        out["budget"] = list(search.budget.budgets)
     return out
 
 
@@ -113,6 +126,10 @@ def trial_to_spec(search: SearchSpec, params: dict[str, Any]) -> ModelSpec:
         spec = _trade_width_for_depth(
             spec, data, params["n_layers"], wd.tolerance, _hidden_multiple(search, spec)
         )
+    size = search.space.size
+    if size is not None and params["size"] != 1:
+        base_n = account(_validated(copy.deepcopy(search.base))).params_activated_non_embedding
+        spec = scale_spec(spec, data, params["size"] * base_n, size.tolerance, _hidden_multiple(search, spec))
     return spec
 
 
@@ -132,31 +149,10 @@ def _trade_width_for_depth(
     if a.kind == "mla":  # refused at load for the base; a trial's params could still switch to mla
         raise Infeasible(f"n_layers={n_layers}: width/depth trades need mha or gqa attention, not mla")
     quantum = 2 * a.n_heads  # heads stay; the head dim d_model / n_heads stays even for rope
-    moe = spec.moe
-
-    def scaled(width: int, d: int, q: int) -> int:
-        return max(q, round(width * d / d0 / q) * q)
-
-    def at(d: int) -> dict:
-        out = copy.deepcopy(data)
-        out["n_layers"] = n_layers
-        out["d_model"] = d
-        if a.head_dim is not None:
-            out["attention"]["head_dim"] = d // a.n_heads
-        out["ffn"]["hidden"] = scaled(spec.ffn.hidden, d, multiple)
-        if moe is not None:
-            m_out = out["moe"]
-            if moe.paper is not None and moe.paper.standard_hidden:
-                m_out["paper"]["standard_hidden"] = scaled(moe.paper.standard_hidden, d, multiple)
-            if moe.paper is None and moe.expert_hidden:
-                m_out["expert_hidden"] = scaled(moe.expert_hidden, d, 1)
-            if moe.shared_hidden:
-                m_out["shared_hidden"] = scaled(moe.shared_hidden, d, 1)
-        return out
 
     best: tuple[float, dict] | None = None
     for k in range(1, max(2, 8 * d0 // quantum) + 1):
-        candidate = at(k * quantum)
+        candidate = _rescaled(spec, data, n_layers, k * quantum, a.n_heads, multiple)
         try:
             flops = account(ModelSpec.model_validate(candidate)).forward_flops_per_token
         except ValidationError:
@@ -170,6 +166,89 @@ def _trade_width_for_depth(
             f"n_layers={n_layers}: no d_model keeps forward FLOPs/token within {tolerance:.0%} ({miss_s})"
         )
     return _validated(best[1])
+
+
+def _rescaled(spec: ModelSpec, data: dict, n_layers: int, d: int, n_heads: int, multiple: int) -> dict:
+    """`data` at depth `n_layers` and width `d` with `n_heads` heads (n_kv_heads keeps its ratio); every
+    FFN and expert width scales with d (expert widths of the paper form to a multiple of `multiple`)."""
+    d0, a, moe = spec.d_model, spec.attention, spec.moe
+    assert a.kind != "mla"
+
+    def scaled(width: int, q: int) -> int:
+        return max(q, round(width * d / d0 / q) * q)
+
+    out = copy.deepcopy(data)
+    out["n_layers"] = n_layers
+    out["d_model"] = d
+    att = out.setdefault("attention", {})
+    if n_heads != a.n_heads:
+        att["n_heads"] = n_heads
+        if a.kind == "gqa":
+            att["n_kv_heads"] = max(1, n_heads * a.n_kv_heads // a.n_heads)
+    if a.head_dim is not None:
+        att["head_dim"] = d // n_heads
+    out["ffn"]["hidden"] = scaled(spec.ffn.hidden, multiple)
+    if moe is not None:
+        m_out = out["moe"]
+        if moe.paper is not None and moe.paper.standard_hidden:
+            m_out["paper"]["standard_hidden"] = scaled(moe.paper.standard_hidden, multiple)
+        if moe.paper is None and moe.expert_hidden:
+            m_out["expert_hidden"] = scaled(moe.expert_hidden, 1)
+        if moe.shared_hidden:
+            m_out["shared_hidden"] = scaled(moe.shared_hidden, 1)
+    return out
+
+
+def _heads_for(d: int, ideal: float, group: int) -> int | None:
+    """The head count nearest `ideal` (heads in proportion to d_model) that is a multiple of `group` and
+    leaves an even head dim (for rope); None when there is none within a factor 1.5 of `ideal`."""
+    counts = [h for h in range(group, d // 2 + 1, group) if d % h == 0 and (d // h) % 2 == 0]
+    best = min(counts, key=lambda h: (abs(math.log(h / ideal)), h)) if counts else None
+    return best if best is not None and abs(math.log(best / ideal)) <= math.log(1.5) else None
+
+
+def scale_spec(spec: ModelSpec, data: dict, target: float, tolerance: float, multiple: int) -> ModelSpec:
+    """`spec` scaled to about `target` activated non-embedding parameters (the `size` axis, see SizeAxis):
+    depth by the cube root of the factor, then the d_model whose count comes closest, with
+    the head count in proportion to d_model (the head dim stays close to the base's).
+
+    Raises:
+        Infeasible: mla attention, an explicit moe.layers list, or no shape within `tolerance`.
+    """
+    a = spec.attention
+    factor = target / account(spec).params_activated_non_embedding
+    if a.kind == "mla":
+        raise Infeasible(f"size={factor:.3g}: scaling needs mha or gqa attention, not mla")
+    if spec.moe is not None and spec.moe.layers is not None:
+        raise Infeasible(f"size={factor:.3g}: cannot change the depth of a spec with an explicit moe.layers")
+    depth = max(1, round(spec.n_layers * factor ** (1 / 3)))
+    group = a.n_heads // a.n_kv_heads if a.kind == "gqa" else 1  # query heads per kv head stay
+    step = math.lcm(8, 2 * group, max(8, spec.d_model // 64 // 8 * 8))  # about 1/64 of the base width
+    best: tuple[float, float, dict] | None = None  # (score, miss, data)
+    # A small model's widths come in coarse steps (one head at a time): a depth next to the cube-root
+    # one may land much closer, at a price of 15% miss per layer of difference (N is recorded exactly; the shape should stay regular).
+    for n_layers in sorted({max(1, depth - 1), depth, depth + 1}):
+        for d in range(step, 64 * spec.d_model + 1, step):
+            h = _heads_for(d, a.n_heads * d / spec.d_model, group)
+            if h is None:
+                continue
+            candidate = _rescaled(spec, data, n_layers, d, h, multiple)
+            try:
+                n = account(ModelSpec.model_validate(candidate)).params_activated_non_embedding
+            except ValidationError:
+                continue
+            miss = abs(math.log(n / target))
+            score = miss + 0.15 * abs(n_layers - depth)
+            if best is None or score < best[0]:
+                best = (score, miss, candidate)
+            if n > target:
+                break  # counts grow with the head count: past the target, nothing gets closer
+    if best is None or math.exp(best[1]) - 1 > tolerance:
+        miss_s = f"{math.exp(best[1]) - 1:.1%}" if best else "no valid width"
+        raise Infeasible(
+            f"size={factor:.3g}: no shape reaches {target:,.0f} parameters within {tolerance:.0%} ({miss_s})"
+        )
+    return _validated(best[2])
 
 
 # ---------------------------------------------------------------------------------------- constraints
@@ -215,6 +294,8 @@ def describe(spec: ModelSpec) -> dict[str, Any]:
         "m": d.m if d else None,
         "params_total": acc.params_total,
         "params_activated": acc.params_activated,
+        "params_non_embedding": acc.params_non_embedding,
+        "params_activated_non_embedding": acc.params_activated_non_embedding,
         "forward_flops_per_token": acc.forward_flops_per_token,
         "train_flops_per_token": acc.train_flops_per_token,
     }

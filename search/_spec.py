@@ -158,6 +158,44 @@ class WidthDepth(_Section):
         return self
 
 
+def _factors_shorthand(v: Any) -> Any:
+    """``size: [0.5, 1, 2]`` is ``size: {factors: [0.5, 1, 2]}``."""
+    # Validated as Python data after this hook, where a strict tuple field takes no list.
+    if isinstance(v, list | tuple):
+        return {"factors": tuple(v)}
+    if isinstance(v, dict):
+        return {k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+    return v
+
+
+class SizeAxis(_Section):
+    """Scale the whole model (trial parameter `size`, a factor of the base's activated non-embedding
+    parameters), so one budget gives an IsoFLOP profile: loss against N at fixed compute.
+
+    For a factor f, n_layers becomes round(base n_layers x f^(1/3)) (at least 1) and d_model the multiple
+    of the head dim whose activated non-embedding parameter count comes closest to f x the base's; the head
+    dim stays, so the head counts scale with d_model (n_kv_heads keeps its ratio), and every FFN and
+    expert width scales with d_model (rounded to a multiple of every segmentation m in the space). Held
+    fixed: m, K_s, top-k, the expert counts, vocab_size, seq_len. A factor no shape reaches within
+    `tolerance` is infeasible. Needs mha or gqa attention, and no explicit `moe.layers` list.
+    """
+
+    factors: tuple[float, ...] | None = Field(None, min_length=1)
+    """Scale factors of activated non-embedding parameters (1 is the base)."""
+    activated_params: tuple[int, ...] | None = Field(None, min_length=1)
+    """Or target activated non-embedding parameter counts; each becomes the factor target / the base's."""
+    tolerance: float = Field(0.2, gt=0, le=1)
+    """Largest relative miss of the target parameter count."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SizeAxis:
+        if (self.factors is None) == (self.activated_params is None):
+            raise ValueError("give one of factors: [0.5, 1, 2] or activated_params: [1e5, 2e5]")
+        if any(f <= 0 for f in self.factors or ()) or any(n <= 0 for n in self.activated_params or ()):
+            raise ValueError("sizes must be > 0")
+        return self
+
+
 class SpaceSpec(_Section):
     params: dict[str, ParamDist] = {}
     """Any model spec key by dotted path (``moe.balance.expert_alpha``) -> {int|float: {...}}, {categorical:
@@ -180,18 +218,28 @@ class SpaceSpec(_Section):
     (n_heads, n_kv_heads; the head dim follows d_model), vocab_size, seq_len and the MoE structure (expert
     counts, top-k, m, K_s, which layers are MoE); FFN and expert widths scale with d_model, so parameter
     counts change. Needs mha or gqa attention."""
+    size: Annotated[SizeAxis, BeforeValidator(_factors_shorthand)] | None = None
+    """Model sizes to try (trial parameter `size`): a list of scale factors of the base's activated
+    non-embedding parameters, or {activated_params: [...]} targets; see SizeAxis. With a budget ladder,
+    every size at every budget gives IsoFLOP profiles for `moeforge scaling fit`."""
 
     @model_validator(mode="after")
     def _not_empty(self) -> SpaceSpec:
-        if not (self.params or self.granularity or self.shared or self.width_depth):
-            raise ValueError("params: the space is empty; give params, granularity, shared or width_depth")
+        if not (self.params or self.granularity or self.shared or self.width_depth or self.size):
+            raise ValueError(
+                "params: the space is empty; give params, granularity, shared, width_depth or size"
+            )
         if self.granularity and any(m < 1 for m in self.granularity):
             raise ValueError(f"granularity: m must be >= 1, got {list(self.granularity)}")
         if self.shared and any(k < 0 for k in self.shared):
             raise ValueError(f"shared: K_s must be >= 0, got {list(self.shared)}")
-        reserved = {"m", "K_s", "n_layers"} & set(self.params)
+        reserved = {"m", "K_s", "n_layers", "size", "budget"} & set(self.params)
         if reserved:
-            raise ValueError(f"params: {sorted(reserved)} name an axis; use granularity/shared/width_depth")
+            raise ValueError(
+                f"params: {sorted(reserved)} name an axis; use granularity/shared/width_depth/size"
+            )
+        if self.size and self.width_depth:
+            raise ValueError("size: scales depth itself; give size or width_depth, not both")
         return self
 
     @property
@@ -201,6 +249,7 @@ class SpaceSpec(_Section):
         out += ["m"] if self.granularity else []
         out += ["K_s"] if self.shared else []
         out += ["n_layers"] if self.width_depth else []
+        out += ["size"] if self.size else []
         return out
 
 
@@ -221,9 +270,33 @@ class Constraints(_Section):
 
 
 class Budget(_Section):
-    train_flops: float = Field(gt=0)
+    train_flops: float | tuple[float, ...] = Field(union_mode="left_to_right")
     """Training FLOPs per trial (per seed); each candidate trains for train_flops / its own training
-    FLOPs per token tokens, so big and small candidates get the same compute."""
+    FLOPs per token tokens, so big and small candidates get the same compute. A list is an IsoFLOP
+    ladder (``[1e11, 3e11, 1e12]``): every proposed architecture trains at every budget, one trial each
+    (trial parameter `budget`), for `moeforge scaling fit`."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> Budget:
+        if any(not c > 0 for c in self.budgets):
+            raise ValueError(f"train_flops: budgets must be > 0, got {list(self.budgets)}")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"train_flops: {list(self.budgets)} repeats a budget")
+        return self
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        """The budgets, smallest first (one for a plain number)."""
+        c = self.train_flops
+        return tuple(sorted(c)) if isinstance(c, tuple) else (float(c),)
+
+    @property
+    def ladder(self) -> bool:
+        return len(self.budgets) > 1
+
+    def label(self) -> str:
+        """``1e+12`` or ``1e+11, 3e+11, 1e+12``, for log lines."""
+        return ", ".join(f"{c:.3g}" for c in self.budgets)
 
 
 class Objective(_Section):
@@ -268,6 +341,12 @@ class TrainSettings(_Section):
     """Corpus: null for the bundled one, or a path (see `moeforge.runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}
     """Other TrainConfig fields by name (e.g. warmup, eval_tokens), checked against TrainConfig on load."""
+    hparams: Literal["fixed", "deepseek"] = "fixed"
+    """Learning rate and batch size: `fixed` (train.lr / train.batch_size, or the trainer's defaults, at
+    every budget) or `deepseek`, DeepSeek LLM's compute-optimal power laws (arXiv 2401.02954, section 3.1:
+    lr = 0.3118 C^-0.1250, batch = 0.2920 C^0.3271 tokens; fitted on dense models at 1e17-3e20 FLOPs, so at
+    CPU scale a starting point, not a truth), the batch rounded to whole sequences and kept to at most
+    1/MIN_STEPS of the run's tokens. Every trial records the values it used (`hparams`)."""
     keep_checkpoints: Literal["best", "all", "none"] = "best"
     """Which finished trials keep their trained weights (trials/<spec key>/seed-*/checkpoint): the best
     so far (disk stays bounded; `moeforge export hf RUN_DIR` exports it), all, or none. Unfinished and
@@ -320,6 +399,19 @@ class SearchSpec(_Section):
                     raise ValueError(f"space.params.{key}: the grid sampler cannot enumerate a log range")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {list(self.seeds)} repeats a seed")
+        if self.budget.ladder and self.sampler.kind not in ("grid", "random"):
+            raise ValueError(
+                f"sampler.kind: a budget ladder trains every proposal at every budget, so {self.sampler.kind} "
+                "would learn the budget, not the design; use grid or random"
+            )
+        if self.budget.ladder and self.pruner.kind != "none":
+            raise ValueError(
+                "pruner.kind: trials of a budget ladder differ in budget, not comparable; use none"
+            )
+        if self.train.hparams == "deepseek":
+            for k in ("lr", "batch_size"):
+                if getattr(self.train, k) is not None or k in self.train.options:
+                    raise ValueError(f"train.{k}: set by train.hparams: deepseek; remove it or use fixed")
         return self
 
     @property
@@ -328,9 +420,28 @@ class SearchSpec(_Section):
 
 
 SEARCH_CHECKPOINT_EVERY_S = 60.0
+MIN_STEPS = 20
+"""`hparams: deepseek` keeps its batch to at most 1/MIN_STEPS of a run's tokens."""
 
 
-def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: str) -> TrainConfig:
+def hparams(
+    search: SearchSpec, budget_flops: float, seq_len: int, tokens: int | None = None
+) -> dict[str, Any]:
+    """The learning rate and batch size (sequences) that `train.hparams` gives at one budget; empty for
+    `fixed` (the search's own train.lr / train.batch_size then apply)."""
+    if search.train.hparams == "fixed":
+        return {}
+    lr = 0.3118 * budget_flops**-0.1250
+    batch_tokens = 0.2920 * budget_flops**0.3271
+    batch = max(1, round(batch_tokens / seq_len))
+    if tokens is not None:
+        batch = max(1, min(batch, tokens // (seq_len * MIN_STEPS)))
+    return {"lr": lr, "batch_size": batch}
+
+
+def train_config(
+    search: SearchSpec, *, budget_flops: float, seed: int, device: str, rule: dict[str, Any] | None = None
+) -> TrainConfig:
     """The trainer's config for one run of a trial: the search's own settings, then `train.options`.
 
     `load_search` has checked the options against TrainConfig itself, so this raises only for a spec
@@ -338,14 +449,19 @@ def train_config(search: SearchSpec, *, budget_flops: float, seed: int, device: 
     """
     from moeforge.runtime import TrainConfig
 
-    return TrainConfig(**_train_config_data(search, budget_flops=budget_flops, seed=seed, device=device))
+    return TrainConfig(
+        **_train_config_data(search, budget_flops=budget_flops, seed=seed, device=device, rule=rule)
+    )
 
 
-def _train_config_data(search: SearchSpec, *, budget_flops: float, seed: int, device: str) -> dict[str, Any]:
+def _train_config_data(
+    search: SearchSpec, *, budget_flops: float, seed: int, device: str, rule: dict[str, Any] | None = None
+) -> dict[str, Any]:
     s = search.train
     settings: dict[str, Any] = {
         k: v for k, v in (("batch_size", s.batch_size), ("lr", s.lr)) if v is not None
     }
+    settings.update(rule or {})  # `hparams` at this budget (train.hparams)
     options: dict[str, Any] = dict(s.options)
     # A retried or resumed trial continues from its last checkpoint: keep that close (the trainer's own
     # default is 5 minutes; a tiny model's checkpoint takes milliseconds).
@@ -420,7 +536,7 @@ def _train_option_problems(search: SearchSpec, locs: Locs) -> list[Problem]:
     sub_locs = {k[len(where) :]: v for k, v in locs.items() if k[: len(where)] == where}
     sub_locs[()] = locate(locs, where)
     data = _train_config_data(
-        search, budget_flops=search.budget.train_flops, seed=search.seeds[0], device=s.device
+        search, budget_flops=search.budget.budgets[0], seed=search.seeds[0], device=s.device
     )
     try:
         validate(TrainConfig, data, sub_locs)
@@ -477,7 +593,15 @@ def load_search(path_or_name: str | Path, overrides: list[str] | tuple[str, ...]
         problems = list(dict.fromkeys(problems))
         problems.sort(key=lambda p: (p.loc.file.startswith("<--set"), p.loc.file, p.loc.line, p.loc.col))
         raise SpecError(problems)
-    assert spec is not None and base_data is not None
+    assert spec is not None and base_data is not None and base is not None
+    size = spec.space.size
+    if size is not None and size.activated_params is not None:  # targets become factors of the base's count
+        from moeforge.compiler import account
+
+        n0 = account(base).params_activated_non_embedding
+        factors = tuple(n / n0 for n in size.activated_params)
+        space = spec.space.model_copy(update={"size": SizeAxis(factors=factors, tolerance=size.tolerance)})
+        spec = spec.model_copy(update={"space": space})
     return spec.model_copy(update={"base": base_data})
 
 
@@ -570,6 +694,24 @@ def _axis_problems(spec: SearchSpec, base: ModelSpec, locs: Locs) -> list[Proble
                 "kv_lora_rank) and head dims (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) are separate "
                 "widths with no one rule to scale by d_model; use an mha or gqa base, or search n_layers, "
                 "d_model and the MLA dims in space.params under constraints.max_forward_flops_per_token",
+            )
+        )
+    if spec.space.size is not None and base.attention.kind == "mla":
+        problems.append(
+            Problem(
+                locs[("space", "size")],
+                "space.size",
+                "cannot scale an mla model: its latent ranks and head dims are separate widths with no one "
+                "rule to scale by d_model; use an mha or gqa base",
+            )
+        )
+    if spec.space.size is not None and base.moe is not None and base.moe.layers is not None:
+        problems.append(
+            Problem(
+                locs[("space", "size")],
+                "space.size",
+                "cannot change the depth of a spec that lists its MoE layers (moe.layers); use "
+                "moe.first_dense / moe.every instead",
             )
         )
     for axis in ("granularity", "shared"):
