@@ -36,6 +36,7 @@ ceil(capacity_factor * T * K / E) pairs in token order; the rest contribute 0.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -50,8 +51,18 @@ DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "padded_bmm", "fused_loop",
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
+def count_per_expert(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in `idx` (int64 [n]), without a host sync.
+
+    ``torch.bincount`` would give the same counts, but on CUDA it reads the largest index back to the host to
+    size its output, a sync per call; scattering ones into a zeros tensor of the known size does not.
+    """
+    idx = idx.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs forward and backward here (probed once per device type, dtype)."""
+    """Whether ``torch._grouped_mm`` is right here, forward and backward (probed once per device type, dtype)."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         _GROUPED_MM_OK[key] = _probe_grouped_mm(device, dtype)
@@ -59,19 +70,71 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    return bool(grouped_mm_errors(device, dtype)["ok"])
+
+
+# Largest error allowed against the fp32 per-group reference, relative to the reference's largest entry.
+_GROUPED_MM_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def grouped_mm_errors(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Check ``torch._grouped_mm`` against one matmul per group, forward and backward, the way `Experts` calls it.
+
+    Routing is skewed and has empty groups at the start, in the middle and at the end: fine-grained experts
+    are empty all the time, and upstream bugs have given non-zero weight gradients for empty groups (and
+    wrong results past the first empty one). The upstream gradient is random (``_grouped_mm``'s backward
+    rejects the zero-stride gradient of ``out.sum().backward()``).
+
+    Returns:
+        ``out``, ``grad_x``, ``grad_w``: the largest error over the largest reference entry; ``grad_w_empty``:
+        the largest weight gradient of an empty group (must be exactly 0); ``ok``: all within tolerance;
+        ``error``: why it could not run, or None.
+    """
+    res: dict = {
+        "out": None,
+        "grad_x": None,
+        "grad_w": None,
+        "grad_w_empty": None,
+        "ok": False,
+        "error": None,
+    }
     if not hasattr(torch, "_grouped_mm") or device.type == "meta":
-        return False
+        res["error"] = "torch._grouped_mm is not available" if device.type != "meta" else "meta device"
+        return res
+    counts = [0, 21, 0, 0, 7, 3, 1, 0]  # skewed; empty first, middle and last
+    E, D, Fh, N = len(counts), 32, 48, sum(counts)
+    gen = torch.Generator().manual_seed(seed)
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            x = torch.randn(6, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([2, 2, 6], device=device, dtype=torch.int32)  # includes an empty group
+            x0 = torch.randn(N, D, generator=gen).to(device, dtype)
+            w0 = torch.randn(E, Fh, D, generator=gen).to(device, dtype)  # [E, F, D] like Experts.w1
+            g0 = torch.randn(N, Fh, generator=gen).to(device, dtype)
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
             y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-            y.backward(torch.randn_like(y))
-            ref = x[2:].detach() @ w[2].detach().t()
-            return bool(torch.allclose(y[2:].detach().float(), ref.float(), rtol=5e-2, atol=5e-2))
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+            y.backward(g0)
+            assert x.grad is not None and w.grad is not None
+            got = {"out": y.detach().float(), "grad_x": x.grad.float(), "grad_w": w.grad.float()}
+    except (RuntimeError, NotImplementedError, TypeError, AssertionError) as e:
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return res
+    # fp32 reference from the same (rounded) inputs, one group at a time
+    x32, w32, g32 = x0.float(), w0.float(), g0.float()
+    ref = {"out": torch.zeros(N, Fh), "grad_x": torch.zeros(N, D), "grad_w": torch.zeros(E, Fh, D)}
+    s = 0
+    for e, n in enumerate(counts):
+        xe, ge = x32[s : s + n].cpu(), g32[s : s + n].cpu()
+        ref["out"][s : s + n] = xe @ w32[e].cpu().t()
+        ref["grad_x"][s : s + n] = ge @ w32[e].cpu()
+        ref["grad_w"][e] = ge.t() @ xe
+        s += n
+    for k, r in ref.items():
+        res[k] = float((got[k].cpu() - r).abs().max() / r.abs().max())
+    empty = [e for e, n in enumerate(counts) if n == 0]
+    res["grad_w_empty"] = float(got["grad_w"][empty].abs().max())
+    tol = _GROUPED_MM_TOL.get(dtype, 3e-2)
+    res["ok"] = all(res[k] <= tol for k in ref) and res["grad_w_empty"] == 0.0
+    return res
 
 
 def _act(name: str):
@@ -182,7 +245,7 @@ class Experts(nn.Module):
         E = self.n_experts
         cf = self.capacity_factor if capacity_factor is None else capacity_factor
         idx_N = topk_idx_TK.reshape(-1)  # pair n = t*K + k, token-major
-        counts_E = torch.bincount(idx_N, minlength=E)
+        counts_E = count_per_expert(idx_N, E)
         self.last_counts_E = counts_E.detach()
         # Under autocast the matmuls run in the autocast dtype; cast explicitly because autocast may not
         # cover torch._grouped_mm, and so all paths see the same inputs.
@@ -194,16 +257,21 @@ class Experts(nn.Module):
         # Sort pairs by expert; stability keeps each expert's pairs in token order (capacity drops the last).
         order_N = torch.argsort(idx_N, stable=True)  # sorted position -> pair
         cap = None if cf is None else math.ceil(cf * T * K / E)
-        if cap is None:
-            kept_E = counts_E
-            self.last_dropped_fraction = torch.zeros((), device=x_TD.device)
-        else:
-            kept_E = counts_E.clamp(max=cap)
-            self.last_dropped_fraction = ((counts_E - kept_E).sum() / max(T * K, 1)).float().detach()
-            if mode != "loop":
-                starts_E = torch.cumsum(counts_E, 0) - counts_E
-                rank_N = torch.arange(T * K, device=idx_N.device) - starts_E[idx_N[order_N]]
-                order_N = order_N[rank_N < cap]  # still sorted by expert, now <= cap per expert
+        kept_E = counts_E if cap is None else counts_E.clamp(max=cap)
+        self.last_dropped_fraction = ((counts_E - kept_E).sum() / max(T * K, 1)).float().detach()
+        # Host syncs: none for grouped_mm without a capacity; else this one, the only one per layer, for the
+        # sizes a Python loop (fused_loop), a padded buffer (padded_bmm) or the kept pairs (capacity) need.
+        # (`loop`, the oracle, syncs once per expert in torch.where.)
+        kept = None
+        if mode in ("fused_loop", "padded_bmm") or (cap is not None and mode != "loop"):
+            kept = kept_E.tolist()  # the one host sync
+        if cap is not None and mode != "loop":
+            assert kept is not None
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            rank_N = torch.arange(T * K, device=idx_N.device) - starts_E[idx_N[order_N]]
+            # the kept sorted positions, still sorted by expert, <= cap per expert; their number is known on
+            # the host, so nonzero_static does not sync as a boolean mask index would
+            order_N = order_N[torch.nonzero_static(rank_N < cap, size=sum(kept)).view(-1)]
 
         if mode == "loop":
             if cap is not None:  # zero the gate of dropped pairs: no output and no gradient through them
@@ -227,7 +295,8 @@ class Experts(nn.Module):
             x_sorted_ND = x_TD_c.index_select(0, tok_N)  # each token once per chosen expert
             y_sorted_ND = self._grouped(x_sorted_ND, g_N1, kept_E, w1, w3, w2)
         elif mode == "fused_loop":
-            bounds = [0, *torch.cumsum(kept_E, 0).tolist()]  # one host sync
+            assert kept is not None
+            bounds = [0, *itertools.accumulate(kept)]
             args = (x_TD_c, g_N1, w1, w3, w2, tok_N, bounds, self.activation)
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
                 out_TD = _FusedExperts.apply(*args)
@@ -235,7 +304,10 @@ class Experts(nn.Module):
                 out_TD = _fused_forward(*args, save=False)[0]
             return out_TD.to(x_TD.dtype)
         elif mode == "padded_bmm":
-            y_sorted_ND, tok_N = self._padded(x_TD_c, g_N1, tok_N, idx_N[order_N], kept_E, w1, w3, w2)
+            assert kept is not None
+            y_sorted_ND, tok_N = self._padded(
+                x_TD_c, g_N1, tok_N, idx_N[order_N], kept_E, max(kept), w1, w3, w2
+            )
         else:
             raise ValueError(f"dispatch: {mode!r} is not one of {', '.join(DISPATCHES)}")
 
@@ -258,15 +330,14 @@ class Experts(nn.Module):
         y_ND = torch._grouped_mm(h_NF.contiguous(), w2_EDF.transpose(-2, -1), offs=offs_E)
         return y_ND[:, : self.dim]
 
-    def _padded(self, x_TD, g_N1, tok_N, e_N, kept_E, w1_EFD, w3_EFD, w2_EDF):
-        """g * expert FFN via torch.bmm on an [E, C, D] buffer, C = the largest count; returns its rows
-        [E*C, D] and the token of each row.
+    def _padded(self, x_TD, g_N1, tok_N, e_N, kept_E, C, w1_EFD, w3_EFD, w2_EDF):
+        """g * expert FFN via torch.bmm on an [E, C, D] buffer, C = the largest count (known on the host,
+        >= 1 because N >= 1); returns its rows [E*C, D] and the token of each row.
 
         The buffer is gathered straight from the tokens: a padding row reads token 0 with gate 0, so its
         hidden activation, output and every gradient through it are exactly 0.
         """
         E, D = self.n_experts, self.dim
-        C = int(kept_E.max())  # one host sync; C >= 1 because N >= 1
         starts_E = torch.cumsum(kept_E, 0) - kept_E
         slot_N = e_N * C + torch.arange(e_N.shape[0], device=e_N.device) - starts_E[e_N]  # row in E*C
         tok_P = tok_N.new_zeros(E * C).index_copy_(0, slot_N, tok_N)

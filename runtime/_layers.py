@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._experts import Experts
+from ._experts import Experts, count_per_expert
 
 
 @dataclass
@@ -244,6 +244,23 @@ class FeedForward(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- moe
+class Router(nn.Linear):
+    """The router's bias-free linear map x -> logits [T, E], always computed in fp32 (as DeepSeek-V3 does).
+
+    Under bf16 autocast an nn.Linear would run in bf16 and round nearby logits together, which changes
+    top-k choices and ties, what the selection bias decides and the balance losses; upcasting afterwards
+    does not bring the lost bits back. The matmul is D x E per token, so fp32 costs next to nothing. Still
+    an nn.Linear (weight [E, D]), so state dicts, initialization and accounting see the same parameter.
+    """
+
+    def __init__(self, dim: int, n_routed: int):
+        super().__init__(dim, n_routed, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
+
+
 class MoE(nn.Module):
     """DeepSeekMoE layer: K_s shared experts always on, plus top-K of E routed experts (arXiv 2401.06066).
 
@@ -303,7 +320,7 @@ class MoE(nn.Module):
         self.normalize_topk, self.routed_scaling = normalize_topk, routed_scaling
         self.expert_alpha, self.per_sequence = expert_alpha, per_sequence
         self.device_alpha, self.device_groups = device_alpha, device_groups
-        self.router = nn.Linear(dim, n_routed, bias=False)
+        self.router = Router(dim, n_routed)
         self.experts = Experts(dim, hidden, n_routed, activation, capacity_factor=capacity_factor)
         # K_s shared experts of width h are one FFN of width K_s*h: sum_i W2_i f(W1_i x) = [W2_i] f([W1_i] x).
         self.shared = FeedForward(dim, n_shared * (shared_hidden or hidden), activation) if n_shared else None
@@ -312,13 +329,13 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
-        logits_TE = self.router(x_TD).float()
+        logits_TE = self.router(x_TD)  # [T, E] fp32, also under autocast
         # Scores over the routed experts only: softmax (DeepSeekMoE) or one sigmoid per expert (DeepSeek-V3).
         scores_TE = logits_TE.sigmoid() if self.sigmoid else logits_TE.softmax(dim=-1)
         topk_idx_TK = self._choose(scores_TE)
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)  # gate values: unbiased scores of the chosen experts
         if self.selection_bias is not None and self.training:
-            self.load_E += torch.bincount(topk_idx_TK.flatten(), minlength=self.n_routed).float()
+            self.load_E += count_per_expert(topk_idx_TK, self.n_routed).float()
         if self.normalize_topk:
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
         topk_w_TK = topk_w_TK * self.routed_scaling
@@ -373,9 +390,9 @@ class MoE(nn.Module):
             return zero
         B, S, E = scores_BSE.shape
         K = self.top_k
-        # Tokens choosing each expert, per sequence: one bincount over (b, e) pairs.
+        # Tokens choosing each expert, per sequence: one count over (b, e) pairs, without a host sync.
         pair_BN = topk_idx_BSK.reshape(B, S * K) + E * torch.arange(B, device=topk_idx_BSK.device)[:, None]
-        counts_BE = torch.bincount(pair_BN.flatten(), minlength=B * E).view(B, E).to(scores_BSE.dtype)
+        counts_BE = count_per_expert(pair_BN, B * E).view(B, E).to(scores_BSE.dtype)
         loss = zero
         if self.expert_alpha:
             if self.per_sequence:

@@ -8,7 +8,9 @@ accumulator, with no host sync. Where a layer's experts do not record counts, a 
 recomputes them from the router logits (top-k of the scores, the same choice the layer makes).
 
 Two accumulators per layer: `window` (since the last `window_stats()` call, for metrics.jsonl) and `total`
-(the whole run, for the summary; saved in checkpoints so a resumed run keeps counting).
+(the whole run, for the summary; saved in checkpoints so a resumed run keeps counting). Capacity mode's
+dropped fraction is kept the same way, as running sums on the device (window and run), so memory stays
+flat however long the run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from ._experts import count_per_expert
 
 
 def load_stats(counts_E: torch.Tensor) -> dict[str, Any]:
@@ -57,8 +61,10 @@ class LoadTracker:
         self._handles: list[RemovableHandle] = []
         self.total: dict[int, torch.Tensor] = {}
         self.window: dict[int, torch.Tensor] = {}
-        self._dropped: dict[int, list[torch.Tensor]] = {}  # since the last window
-        self._dropped_run: dict[int, list[torch.Tensor]] = {}  # this process's whole run (not checkpointed)
+        # Capacity mode: sum of the per-forward dropped fractions and how many forwards added to it, since the
+        # last window and over this process's whole run (not checkpointed); fixed size, reset when read.
+        self._dropped: dict[int, tuple[torch.Tensor, int]] = {}
+        self._dropped_run: dict[int, tuple[torch.Tensor, int]] = {}
         for i, moe in self.layers:
             if not hasattr(moe.get_submodule("experts"), "last_counts_E"):
                 self._hooked[i] = None
@@ -70,7 +76,7 @@ class LoadTracker:
     def _router_hook(self, i: int, top_k: int) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def hook(_module: nn.Module, _inputs: Any, logits_TE: torch.Tensor) -> None:
             idx_TK = logits_TE.detach().topk(top_k, dim=-1).indices  # softmax is monotone: same top-k
-            self._hooked[i] = torch.bincount(idx_TK.reshape(-1), minlength=logits_TE.shape[-1])
+            self._hooked[i] = count_per_expert(idx_TK, logits_TE.shape[-1])  # no host sync
 
         return hook
 
@@ -100,15 +106,19 @@ class LoadTracker:
             dropped = getattr(moe.experts, "last_dropped_fraction", None)
             if getattr(moe.experts, "capacity_factor", None) is not None and dropped is not None:
                 d = dropped.detach().float().reshape(())
-                self._dropped.setdefault(i, []).append(d)
-                self._dropped_run.setdefault(i, []).append(d)
+                for acc in (self._dropped, self._dropped_run):
+                    if i in acc:
+                        s, n = acc[i]
+                        acc[i] = (s.add_(d), n + 1)  # in place: no new tensor per step
+                    else:
+                        acc[i] = (d.clone(), 1)
 
     def window_stats(self) -> dict[str, dict[str, Any]]:
         """Per-layer stats of the counts since the previous call (which it resets), keyed by layer index."""
         out = {str(i): _compact(load_stats(c)) for i, c in sorted(self.window.items())}
-        for i, d in self._dropped.items():
-            if d:
-                out[str(i)]["dropped_fraction"] = float(torch.stack(d).mean())
+        for i, (s, n) in self._dropped.items():
+            if n and str(i) in out:
+                out[str(i)]["dropped_fraction"] = float(s) / n
         self.window = {}
         self._dropped = {}
         return out
@@ -116,9 +126,9 @@ class LoadTracker:
     def summary(self) -> dict[str, Any]:
         """Per-layer stats over the whole run (tokens per expert included) and the worst layer's figures."""
         layers = {str(i): load_stats(c) for i, c in sorted(self.total.items())}
-        for i, d in self._dropped_run.items():
-            if d and str(i) in layers:
-                layers[str(i)]["dropped_fraction"] = float(torch.stack(d).mean())
+        for i, (s, n) in self._dropped_run.items():
+            if n and str(i) in layers:
+                layers[str(i)]["dropped_fraction"] = float(s) / n
         if not layers:
             return {"layers": {}}
         cvs = [s["cv"] for s in layers.values() if s["cv"] is not None]

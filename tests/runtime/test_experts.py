@@ -251,3 +251,36 @@ def test_cuda_autocast_bf16_close_to_fp32_loop(dispatch):
     for a, b in zip(g, ref_g, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+def test_grouped_mm_probe_checks_gradients_and_empty_groups(monkeypatch):
+    """The probe compares output, input and weight gradients with one matmul per group, with empty groups;
+    a kernel whose forward is right but which leaves garbage in an empty group's weight gradient fails it."""
+    from moeforge.runtime import _experts
+
+    good = _experts.grouped_mm_errors(CPU, torch.float32)
+    if good["error"] is not None:
+        pytest.skip(f"torch._grouped_mm does not run on CPU here: {good['error']}")
+    assert good["ok"] and good["grad_w_empty"] == 0.0
+    assert max(good[k] for k in ("out", "grad_x", "grad_w")) < 1e-5
+    real = torch._grouped_mm
+
+    class _Bad(torch.autograd.Function):  # right forward and input gradient, wrong empty-group weight grads
+        @staticmethod
+        def forward(ctx, x, w, offs):
+            ctx.save_for_backward(x, w, offs)
+            return real(x, w, offs=offs)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w, offs = ctx.saved_tensors
+            with torch.enable_grad():
+                x_, w_ = x.detach().requires_grad_(), w.detach().requires_grad_()
+                gx, gw = torch.autograd.grad(real(x_, w_, offs=offs), [x_, w_], g)
+            return gx, gw + 1e-3, None  # stale values in every group, empty ones included
+
+    monkeypatch.setattr(torch, "_grouped_mm", lambda x, w, offs: _Bad.apply(x, w, offs))
+    bad = _experts.grouped_mm_errors(CPU, torch.float32)
+    assert not bad["ok"] and bad["grad_w_empty"] > 0 and bad["out"] == 0.0
+    monkeypatch.setattr(_experts, "_GROUPED_MM_OK", {})
+    assert not _experts.grouped_mm_supported(CPU, torch.float32)  # so auto would not pick it

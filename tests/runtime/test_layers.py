@@ -130,3 +130,26 @@ def test_build_is_deterministic_with_seed_and_causal():
     ids2 = ids.clone()
     ids2[0, -1] = (ids[0, -1] + 1) % 256
     torch.testing.assert_close(a(ids).logits[:, :-1], a(ids2).logits[:, :-1])
+
+
+def test_router_logits_are_fp32_under_bf16_autocast():
+    """The router matmul runs in fp32 under autocast (DeepSeek-V3): bf16 would round nearby logits together
+    and change top-k choices, ties, the selection bias's effect and the balance losses."""
+    m = _moe(expert_alpha=0.01)
+    x = torch.randn(2, 9, 16)
+    ref = F.linear(x.reshape(-1, 16).double(), m.router.weight.double()).float()  # fp32-exact reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m.router(x.reshape(-1, 16))
+        bf16 = torch.nn.Linear(16, 8, bias=False)
+        bf16.weight = m.router.weight
+        assert bf16(x.reshape(-1, 16)).dtype == torch.bfloat16  # what a plain nn.Linear would do
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref)
+    torch.testing.assert_close(logits, m.router(x.reshape(-1, 16)), rtol=0, atol=0)  # as without autocast
+    # the routing under autocast reads those logits: the same experts as in fp32, and an fp32 balance loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, aux = m(x)
+    _, aux32 = m(x)
+    assert aux.dtype == torch.float32
+    torch.testing.assert_close(aux, aux32, rtol=0, atol=0)
+    assert isinstance(m.router, torch.nn.Linear) and list(m.state_dict())[0] == "router.weight"

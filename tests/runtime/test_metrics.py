@@ -90,3 +90,30 @@ def test_capacity_mode_reports_the_dropped_fraction_in_training(tmp_path):
     layers = summary["load"]["layers"] if "layers" in summary["load"] else summary["load"]
     fractions = [v["dropped_fraction"] for v in layers.values()]
     assert fractions and all(0.4 <= f < 1.0 for f in fractions)  # capacity 0.5 keeps at most half
+
+
+def test_dropped_fraction_is_a_running_sum_reset_when_read():
+    """Capacity mode keeps one sum per layer (not one tensor per step) for the window and for the run."""
+    model = build(load_spec("debug", ["moe.capacity_factor=0.5"]), seed=0)
+    tracker = LoadTracker(model)
+    seen: dict[int, list[float]] = {i: [] for i, _ in model.moe_layers()}
+    sums: dict[int, torch.Tensor] = {}
+    for step in range(4):
+        model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(step)))
+        tracker.update()
+        for i, moe in model.moe_layers():
+            seen[i].append(float(moe.experts.last_dropped_fraction))
+            s, n = tracker._dropped[i]
+            assert n == len(seen[i]) and sums.setdefault(i, s) is s  # the same tensor, added in place
+        if step == 1:
+            window = tracker.window_stats()
+            for i in seen:
+                assert window[str(i)]["dropped_fraction"] == pytest.approx(sum(seen[i]) / 2)
+                seen[i] = []  # the next window starts from zero
+            assert tracker._dropped == {}
+            sums = {}
+    window = tracker.window_stats()
+    run = tracker.summary()["layers"]
+    for i, fr in seen.items():
+        assert window[str(i)]["dropped_fraction"] == pytest.approx(sum(fr) / 2)
+        assert tracker._dropped_run[i][1] == 4 and 0 < run[str(i)]["dropped_fraction"] < 1
