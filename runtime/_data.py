@@ -308,8 +308,9 @@ def load_corpus(
         train, val = _tail_split(_text_tokens(path, cache_dir))
         return _byte_corpus(str(path), train, val, vocab_size)
     if path.suffix == ".bin":
-        train, val = _tail_split(read_token_file(path))
-        return _token_corpus(str(path), train, val, vocab_size)
+        tokens = read_token_file(path)
+        train, val = _tail_split(tokens)
+        return _token_corpus(str(path), train, val, vocab_size, _max_token(path, tokens, cache_dir))
     train, val = _tail_split(_text_tokens(path, cache_dir))
     return _byte_corpus(str(path), train, val, vocab_size)
 
@@ -320,8 +321,9 @@ def _byte_corpus(name: str, train: np.ndarray, val: np.ndarray, vocab_size: int 
     return Corpus(name, vocab_size or BYTE_VOCAB_SIZE, train, val, bytes_per_token=1.0)
 
 
-def _token_corpus(name: str, train: np.ndarray, val: np.ndarray, vocab_size: int | None) -> Corpus:
-    max_id = max(int(train.max()), int(val.max()))
+def _token_corpus(
+    name: str, train: np.ndarray, val: np.ndarray, vocab_size: int | None, max_id: int
+) -> Corpus:
     if vocab_size is not None and max_id >= vocab_size:
         raise DataError(
             f"{name}: token id {max_id} is outside the vocabulary of {vocab_size}; "
@@ -351,7 +353,40 @@ def _bin_shards_corpus(name: str, paths: list[Path], vocab_size: int | None, cac
         )
     train = _joined_token_file(train_paths, cache_dir)
     val = _joined_token_file(val_paths, cache_dir)
-    return _token_corpus(name, train, val, vocab_size)
+    max_id = max(_max_token(p, read_token_file(p), cache_dir) for p in train_paths + val_paths)
+    return _token_corpus(name, train, val, vocab_size, max_id)
+
+
+def _max_token(path: Path, tokens: np.ndarray, cache_dir: Path) -> int:
+    """The largest id in the token file at `path` (memory-mapped as `tokens`): scanned once, then read from a
+    small record in the cache dir keyed by the file's resolved path, size and modification time, so a large
+    file is not read whole at every load. A cache that cannot be written only costs the rescan."""
+    import json
+
+    st = path.stat()
+    key = _hash_lines([f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"])
+    record = cache_dir / f"maxtoken-{key}.json"
+    try:
+        return int(json.loads(record.read_text())["max_token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    max_id = _scan_max_token(tokens)
+    tmp = None
+    try:  # tmp file + os.replace, as for token files: concurrent loaders write the same record
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".tmp", dir=record.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"file": str(path.resolve()), "max_token": max_id}, f)
+        os.replace(tmp, record)
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return max_id
+
+
+def _scan_max_token(tokens: np.ndarray) -> int:
+    """The largest id of a token array, reading all of it (the slow path `_max_token` does once per file)."""
+    return max(int(tokens[i : i + (1 << 26)].max()) for i in range(0, len(tokens), 1 << 26))
 
 
 def _joined_token_file(paths: list[Path], cache_dir: Path) -> np.memmap:

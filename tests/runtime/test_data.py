@@ -320,3 +320,43 @@ def test_unwritable_cache_is_a_data_error(tmp_path):
     (tmp_path / "file").write_bytes(b"")  # a cache "dir" below a regular file cannot be created
     with pytest.raises(DataError, match="cannot write cache file .* MOEFORGE_CACHE"):
         load_corpus(tmp_path / "a.txt", cache_dir=tmp_path / "file" / "cache")
+
+
+def test_token_file_max_id_is_scanned_once_per_file_version(tmp_path, monkeypatch):
+    """The largest id (for the vocabulary check) is read whole once, then from a record in the cache dir;
+    rewriting the file (new size or mtime) scans it again."""
+    scans: list[int] = []
+    real_scan = _data._scan_max_token
+    monkeypatch.setattr(
+        _data, "_scan_max_token", lambda tokens: scans.append(len(tokens)) or real_scan(tokens)
+    )
+    path, cache = tmp_path / "x.bin", tmp_path / "cache"
+    write_token_file(path, np.arange(10_000) % 7000)
+    assert load_corpus(path, cache_dir=cache).min_vocab_size == 7000
+    assert scans == [10_000]
+    again = load_corpus(path, cache_dir=cache)
+    assert again.min_vocab_size == 7000 and scans == [10_000]  # not rescanned
+    with pytest.raises(DataError, match="token id 6999"):
+        load_corpus(path, cache_dir=cache, vocab_size=5000)  # the recorded max still checks the vocabulary
+    assert scans == [10_000]
+    write_token_file(path, np.arange(12_000) % 9000)
+    assert load_corpus(path, cache_dir=cache).min_vocab_size == 9000 and scans == [10_000, 12_000]
+
+
+def test_token_shards_max_id_is_scanned_once_and_unwritable_cache_only_rescans(tmp_path, monkeypatch):
+    scans: list[int] = []
+    real_scan = _data._scan_max_token
+    monkeypatch.setattr(
+        _data, "_scan_max_token", lambda tokens: scans.append(len(tokens)) or real_scan(tokens)
+    )
+    write_token_file(tmp_path / "a_train_1.bin", np.full(3000, 11))
+    write_token_file(tmp_path / "a_train_2.bin", np.full(2000, 40))
+    write_token_file(tmp_path / "a_val_1.bin", np.full(1000, 5))
+    for _ in range(2):
+        assert load_corpus(tmp_path, cache_dir=tmp_path / "cache").min_vocab_size == 41
+    assert sorted(scans) == [1000, 2000, 3000]  # each shard once
+    (tmp_path / "file").write_bytes(b"")
+    single = tmp_path / "a_train_1.bin"
+    for _ in range(2):  # a cache "dir" below a regular file: no record, no error, a scan each time
+        assert load_corpus(single, cache_dir=tmp_path / "file" / "c").min_vocab_size == 12
+    assert sorted(scans) == [1000, 2000, 3000, 3000, 3000]
