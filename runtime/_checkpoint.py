@@ -11,6 +11,13 @@ A checkpoint is a folder:
 Loading reads only safetensors and JSON: nothing is ever unpickled. Writing is atomic: the folder is
 written under a temporary name beside the target and renamed into place; the previous checkpoint is moved
 aside first and removed after, so a crash at any moment leaves `checkpoint/` or `checkpoint.old/` whole.
+
+Several processes (torchrun): the files are always the full, unsharded model and optimizer state, so a run
+resumes on any number of processes. A model sharded by FSDP2 is gathered with the distributed state-dict API
+(``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``: a
+collective every rank calls, the full tensors land on rank 0's CPU); rank 0 alone writes. Loading reads the
+full files on every rank: weights into the unsharded model before it is wrapped, optimizer state through
+``set_optimizer_state_dict``, which keeps each rank's shard.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -39,17 +48,29 @@ def save_checkpoint(
     state: dict[str, Any],
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint folder at `path` atomically (see the module docstring)."""
+    """Write a checkpoint folder at `path` atomically (see the module docstring).
+
+    With several processes every rank calls it (a sharded model is gathered) and rank 0 writes.
+    """
     path = Path(path)
+    full_model: dict[str, torch.Tensor] | None = None
+    opt_tensors: dict[str, torch.Tensor] = {}
+    groups: list[dict[str, Any]] = []
+    if is_sharded(model):
+        full_model, opt_tensors, groups = _gather_sharded(model, optimizer)
+    elif optimizer is not None:
+        opt_tensors, groups = _optimizer_tensors(model, optimizer)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        if full_model is None:
+            save_model(model, str(tmp / MODEL_FILE))
+        else:
+            save_file(full_model, str(tmp / MODEL_FILE))
         extra = {k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}
-        groups: list[dict[str, Any]] = []
-        if optimizer is not None:
-            opt_tensors, groups = _optimizer_tensors(model, optimizer)
-            extra.update(opt_tensors)
+        extra.update(opt_tensors)
         save_file(extra, str(tmp / OPTIM_FILE))
         doc = {"format": FORMAT, **state, "param_groups": groups}
         (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
@@ -103,8 +124,16 @@ def load_checkpoint(
     return state, rest
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load only the weights: `path` is a run dir, a checkpoint folder or a model.safetensors file."""
+def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state of a checkpoint folder (into a plain or an FSDP2-sharded model's optimizer)."""
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    tensors = load_file(str(path / OPTIM_FILE)) if (path / OPTIM_FILE).is_file() else {}
+    _load_optimizer(model, optimizer, tensors, state.get("param_groups", []))
+
+
+def model_file(path: Path) -> Path:
+    """The model.safetensors of a run dir, a checkpoint folder, or the file itself."""
     path = Path(path)
     if path.is_dir():
         ckpt = find_checkpoint(path / "checkpoint") or find_checkpoint(path)
@@ -113,6 +142,45 @@ def load_weights(path: Path, model: nn.Module) -> None:
         path = ckpt / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    return path
+
+
+def check_shapes(path: Path, model: nn.Module) -> None:
+    """Check a checkpoint's tensor names and shapes against `model` before any memory is spent on either.
+
+    Reads only the safetensors header (no tensor data); `model` may live on the meta device.
+
+    Raises:
+        ValueError: one line naming the first differences.
+    """
+    path = model_file(path)
+    with safe_open(str(path), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    want: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:  # a tied weight is stored once (safetensors drops aliases)
+            seen.add(id(t))
+            want[name] = tuple(t.shape)
+    missing = sorted(set(want) - set(saved))
+    unexpected = sorted(set(saved) - set(want))
+    wrong = [
+        f"{k} {list(saved[k])} (the model's {list(want[k])})"
+        for k in want
+        if k in saved and saved[k] != want[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = [
+            f"missing {missing[:4]}" if missing else "",
+            f"unexpected {unexpected[:4]}" if unexpected else "",
+        ]
+        parts.append(f"shapes differ: {', '.join(wrong[:3])}" if wrong else "")
+        raise ValueError(f"{path} does not match the model: {'; '.join(p for p in parts if p)}")
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load only the weights: `path` is a run dir, a checkpoint folder or a model.safetensors file."""
+    path = model_file(path)
     missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -121,6 +189,40 @@ def load_weights(path: Path, model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model`'s parameters are DTensors (FSDP2's fully_shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _gather_sharded(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Full model and optimizer state of an FSDP2 model on rank 0's CPU (empty on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = {k: v.contiguous() for k, v in get_model_state_dict(model, options=opts).items()}
+    tensors: dict[str, torch.Tensor] = {}
+    groups: list[dict[str, Any]] = []
+    if optimizer is not None:
+        osd = get_optimizer_state_dict(model, optimizer, options=opts)
+        for fqn, st in osd.get("state", {}).items():
+            for key, value in st.items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"optim.{fqn}.{key}"] = t.detach().contiguous().cpu()
+        for group in osd.get("param_groups", []):
+            hyper = {k: v for k, v in group.items() if k != "params" and _is_json(v)}
+            hyper["params"] = list(group["params"])
+            groups.append(hyper)
+    return full, tensors, groups
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -150,6 +252,9 @@ def _load_optimizer(
 ) -> None:
     names = _param_names(model)
     current = optimizer.state_dict()
+    if is_sharded(model):
+        _load_sharded_optimizer(model, optimizer, tensors, groups)
+        return
     if len(groups) != len(current["param_groups"]):
         raise ValueError(
             f"checkpoint has {len(groups)} optimizer param groups, the optimizer {len(current['param_groups'])}"
@@ -169,6 +274,34 @@ def _load_optimizer(
             index += 1
     # hyperparameters stay the live optimizer's (the caller's config; lr is set by the schedule every step)
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _load_sharded_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model)
+    live = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if [g["params"] for g in groups] != live:
+        raise ValueError("checkpoint optimizer parameters do not match the model's")
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name in (n for g in live for n in g):
+        prefix = f"optim.{name}."
+        s = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if s:
+            state[name] = s
+    # hyperparameters stay the live optimizer's, as in the unsharded case
+    param_groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": names_}
+        for g, names_ in zip(optimizer.param_groups, live, strict=True)
+    ]
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        {"state": state, "param_groups": param_groups},  # type: ignore[arg-type]
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def _is_json(v: Any) -> bool:

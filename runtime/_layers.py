@@ -469,8 +469,19 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, blk.ffn) for i, blk in enumerate(self.layers) if isinstance(blk.ffn, MoE)]
 
-    def update_biases(self) -> None:
-        """Apply every MoE layer's selection-bias sign rule (`MoE.update_bias`); call after each optimizer step."""
+    @torch.no_grad()
+    def update_biases(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Apply every MoE layer's selection-bias sign rule (`MoE.update_bias`); call after each optimizer step.
+
+        `reduce` sums a tensor over the data-parallel processes in place (the trainer passes an all-reduce):
+        the routed-token counts of every layer are summed in one call, so every process applies the same
+        update, the one a single process would make from the whole batch.
+        """
+        biased = [moe for _, moe in self.moe_layers() if moe.selection_bias is not None]
+        if reduce is not None and biased:
+            counts = reduce(torch.cat([moe.load_E for moe in biased]))
+            for moe, c in zip(biased, counts.split([moe.n_routed for moe in biased]), strict=True):
+                moe.load_E.copy_(c)
         for _, moe in self.moe_layers():
             moe.update_bias()
 
