@@ -270,16 +270,14 @@ def leaderboard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def key(r: dict) -> tuple:
         kind = 5 if r["infeasible"] else (6 if r["reused_from"] is not None else order.get(r["state"], 7))
-        return (kind, r["value"] if r["value"] is not None else float("inf"), r["number"])
+        budget = -(r["params"].get("budget") or 0.0)  # a ladder: the largest budget first
+        return (kind, budget, r["value"] if r["value"] is not None else float("inf"), r["number"])
 
     return sorted(records, key=key)
 
 
 # ------------------------------------------------------------------------------------------ seed noise
-TIE_RULE = (
-    "tied: the gap to the best mean is under twice its standard error, "
-    "2 * sqrt(s_best^2 / n_best + s^2 / n) over seeds (n >= 2 each)"
-)
+TIE_RULE = "tied: the gap to the best mean is under 2 * sqrt(s_best^2/n_best + s^2/n) (s: std over n seeds)"
 """How leaderboards decide that an entry is within the seed noise of the best (the README quotes it)."""
 
 
@@ -349,3 +347,19 @@ def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> 
     else:
         lines.append("runner-up: none (the only complete trial at this budget)")
     return "\n".join(lines)
+
+
+def noise_marks(records: list[dict[str, Any]]) -> dict[int, str]:
+    """For each complete trial that trained: "best" (of its budget), "tied" (within the seed noise of the
+    best, `TIE_RULE`), "" (beyond it), or "1 seed" (no noise estimate)."""
+    done = [
+        r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None and r["value"] is not None
+    ]
+    out: dict[int, str] = {}
+    for budget in {r["budget_flops"] for r in done}:
+        group = [r for r in done if r["budget_flops"] == budget]
+        best = min(group, key=lambda r: r["value"])
+        for r in group:
+            tie = tied(_seed_values(best), _seed_values(r))
+            out[r["number"]] = "best" if r is best else {True: "tied", False: "", None: "1 seed"}[tie]
+    return out

@@ -620,7 +620,7 @@ def _run_trial(
     prefix = f"[w{opts.worker}]"
     _fresh_attrs(trial, opts)
     params = suggest(trial, search)
-    label = ", ".join(f"{k}={v}" for k, v in params.items())
+    label = _params_label(params)
     n_cons = len(constraint_names(search))
 
     def infeasible(why: str, cons: list[float]) -> str:
@@ -965,4 +965,5 @@ def _log_best(study: optuna.Study, prefix: str, log: Callable[[str], None]) -> N
 
 
 def _params_label(params: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+    """``m=2, size=0.5, budget=1.5e+11``: floats to 4 significant digits."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())

@@ -168,6 +168,14 @@ def _factors_shorthand(v: Any) -> Any:
     return v
 
 
+class _FactorsShorthandSchema:
+    """Adds the plain-list shorthand to the size axis's JSON Schema (editors accept ``size: [0.5, 1, 2]``)."""
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        return {"anyOf": [out, {"type": "array", "items": {"type": "number"}, "minItems": 1}]}
+
+
 class SizeAxis(_Section):
     """Scale the whole model (trial parameter `size`, a factor of the base's activated non-embedding
     parameters), so one budget gives an IsoFLOP profile: loss against N at fixed compute.
@@ -218,7 +226,7 @@ class SpaceSpec(_Section):
     (n_heads, n_kv_heads; the head dim follows d_model), vocab_size, seq_len and the MoE structure (expert
     counts, top-k, m, K_s, which layers are MoE); FFN and expert widths scale with d_model, so parameter
     counts change. Needs mha or gqa attention."""
-    size: Annotated[SizeAxis, BeforeValidator(_factors_shorthand)] | None = None
+    size: Annotated[SizeAxis, BeforeValidator(_factors_shorthand), _FactorsShorthandSchema()] | None = None
     """Model sizes to try (trial parameter `size`): a list of scale factors of the base's activated
     non-embedding parameters, or {activated_params: [...]} targets; see SizeAxis. With a budget ladder,
     every size at every budget gives IsoFLOP profiles for `moeforge scaling fit`."""

@@ -197,13 +197,17 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
 
     from moeforge._format import count
     from moeforge.search import leaderboard
+    from moeforge.search._results import TIE_RULE, noise_marks
 
     con = con or console()
     names = list(dict.fromkeys(k for r in records for k in r["params"]))
     params = {f"param:{n}": n for n in names}  # column id -> name; no spec key can clash with "params"
     stats = ["experts", "params", "activated", "tokens"]
-    every = ["#", "state", "value", *(["± seeds"] if len(search.seeds) > 1 else []), *params, *stats]
+    several = len(search.seeds) > 1
+    every = ["#", "state", "value", *(["± seeds", "vs best"] if several else []), *params, *stats]
     full = {"#": "#", "state": "state", "value": search.objective.metric, "± seeds": "± seeds"}
+    full["vs best"] = "vs best"
+    marks = noise_marks(records)
     full |= params | {c: c for c in stats}
     short = full | {f"param:{n}": s for n, s in _short_names(names).items()}
     rows: list[dict[str, str]] = []
@@ -226,6 +230,7 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
                 "state": state,
                 "value": f"{r['value']:.4f}" if r["value"] is not None else "-",
                 "± seeds": f"{r['value_std']:.4f}" if r["value_std"] is not None else "-",
+                "vs best": marks.get(r["number"], ""),
                 **{p: _cell(r["params"].get(n, "")) for p, n in params.items()},
                 "experts": experts,
                 "params": count(r["params_total"]) if r["params_total"] else "-",
@@ -269,8 +274,13 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
             part.rstrip()
             con.print(Text(" " * indent) + part)
 
-    say(f"search {search.name}: {search.budget.train_flops:.3g} training FLOPs per trial")
+    ladder = " (a ladder: each budget ranked on its own)" if search.budget.ladder else ""
+    say(f"search {search.name}: {search.budget.label()} training FLOPs per trial{ladder}")
     con.print(t, crop=not wide)
+    if several:
+        say(f"value: mean over {len(search.seeds)} seeds; {TIE_RULE}", 2)
+    else:
+        say("value: 1 seed: no noise estimate (give seeds: [0, 1, ...] to tell real gaps from noise)", 2)
     legend = [f"{heads[c]}={full[c]}" for c in cols if heads[c] != full[c]]
     if legend:
         say("columns: " + ", ".join(legend), 2)
@@ -283,7 +293,8 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
 
 _STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 _DROP_FIRST = ("tokens", "activated", "params", "experts", "± seeds")
-"""The leaderboard's columns of least value, in the order they go when it is too wide."""
+"""The leaderboard's columns of least value, in the order they go when it is too wide ("vs best", the
+seed-noise verdict, stays: a ranking without it over-claims)."""
 
 
 def _short_names(names: list[str]) -> dict[str, str]:

@@ -35,6 +35,8 @@ def record(number: int, value: float | None, state: str = "COMPLETE", **kw: Any)
     if value is not None:
         rec.update(
             value_std=0.0123,
+            seeds=[0, 1, 2],
+            seed_values=[value - 0.0123, value, value + 0.0123],
             routed_experts=63,
             shared_experts=2,
             top_k=6,
@@ -48,7 +50,7 @@ def record(number: int, value: float | None, state: str = "COMPLETE", **kw: Any)
 
 def records(params: dict[str, Any] = SPACE) -> list[dict[str, Any]]:
     rs = [
-        record(0, 3.51234),
+        record(0, 3.51234, seed_values=[3.41234, 3.51234, 3.61234]),  # within the seed noise of #3
         record(1, None, "FAIL", fail_reason="CUDA out of memory while training " + "x/" * 40),
         record(2, None, "PRUNED", infeasible="activated params 3.1B > 2.8B (budget.max_activated)"),
         record(3, 3.41234, params={**SPACE, "moe.balance.expert_alpha": 0.001}),  # the best
@@ -79,18 +81,29 @@ def test_many_dotted_params_fit_80_columns() -> None:
     lines = rendered(records())
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     head = next(line.split() for line in lines if "state" in line.split())
-    assert head == ["#", "state", "val_loss", "expert_alpha", "n_heads", "top_k", "hidden", "theta", "m"]
-    assert row(lines, "3") == ["3", "done", "3.4123", "0.001", *BEST[1:]]  # the best first
-    assert row(lines, "0") == ["0", "done", "3.5123", *BEST]
-    assert row(lines, "5")[2:] == ["3.9000", "0.01235", "16", "2", "256", "5e+05", "4"]
+    assert head == [
+        "#",
+        "state",
+        "val_loss",
+        "vs",
+        "best",
+        "expert_alpha",
+        "n_heads",
+        "top_k",
+        "hidden",
+        "theta",
+    ]
+    assert row(lines, "3") == ["3", "done", "3.4123", "best", "0.001", *BEST[1:-1]]  # the best first
+    assert row(lines, "0") == ["0", "done", "3.5123", "tied", *BEST[:-1]]
+    assert row(lines, "5")[2:] == ["3.9000", "0.01235", "16", "2", "256", "5e+05"]  # beyond the noise
     assert row(lines, "1*")[:3] == ["1*", "failed", "-"]
     assert row(lines, "2*")[:2] == ["2*", "infeasible"]
     assert row(lines, "4*")[:2] == ["4*", "done"]
     text = "\n".join(lines).replace("\n  ", " ")  # the lines under the table, unwrapped
     # legend: short -> full name; what was hidden to fit, and how to see it
     assert "expert_alpha=moe.balance.expert_alpha" in text and "n_heads=attention.n_heads" in text
-    assert "m=moe.paper.m" in text
-    assert "± seeds, experts, params, activated, tokens" in text and "--wide shows all" in text
+    assert "tied: the gap to the best mean is under" in text
+    assert "± seeds, moe.paper.m, experts, params, activated, tokens" in text and "--wide shows all" in text
     assert "#4: same spec as #3" in text and "#2: activated params 3.1B" in text
     assert "#1: CUDA out of memory" in text
 
@@ -98,9 +111,9 @@ def test_many_dotted_params_fit_80_columns() -> None:
 def test_wide_shows_every_column_under_its_full_name() -> None:
     lines = rendered(records(), wide=True)
     head = next(line.split() for line in lines if "state" in line.split())
-    assert head == ["#", "state", "val_loss", "±", "seeds", *SPACE, *STATS]
+    assert head == ["#", "state", "val_loss", "±", "seeds", "vs", "best", *SPACE, *STATS]
     stats = ["2+6/63", "16.38B", "2.827B", "1.235B"]
-    assert row(lines, "3") == ["3", "done", "3.4123", "0.0123", "0.001", *BEST[1:], *stats]
+    assert row(lines, "3") == ["3", "done", "3.4123", "0.0123", "best", "0.001", *BEST[1:], *stats]
     assert max(map(len, lines)) > 80
     text = "\n".join(lines)
     assert "columns:" not in text and "hidden to fit" not in text
@@ -113,6 +126,7 @@ def test_a_small_space_fits_as_it_is() -> None:
     assert max(map(len, lines)) <= 80
     text = "\n".join(lines)
     assert "columns:" not in text and "hidden to fit" not in text
+    assert "1 seed: no noise estimate" in text
 
 
 def test_colliding_short_names_keep_a_parent_and_params_go_last_first() -> None:
@@ -120,10 +134,9 @@ def test_colliding_short_names_keep_a_parent_and_params_go_last_first() -> None:
     lines = rendered(records(params), width=50)
     assert max(map(len, lines)) <= 50, "\n".join(lines)
     head = next(line.split() for line in lines if "state" in line.split())
-    assert head == ["#", "state", "val_loss", "moe.top_k", "paper.top_k"]
+    assert head == ["#", "state", "val_loss", "vs", "best", "moe.top_k"]
     text = "\n".join(lines).replace("\n  ", " ")
-    assert "paper.top_k=moe.paper.top_k" in text and "moe.top_k=moe.top_k" not in text
-    assert "hidden to fit 50 columns: ± seeds, moe.balance.expert_alpha, experts, params" in text
+    assert "hidden to fit 50 columns: ± seeds, moe.paper.top_k, moe.balance.expert_alpha, experts" in text
 
 
 @pytest.mark.parametrize(("flags", "files"), [([], "trials.csv, plots/)"), (["--no-plots"], "trials.csv)")])
