@@ -13,7 +13,19 @@ import sys
 
 from moeforge import __version__
 
-COMMANDS = ("validate", "report", "compare", "schema", "train", "eval", "search", "data", "import_", "export")
+COMMANDS = (
+    "validate",
+    "report",
+    "compare",
+    "schema",
+    "train",
+    "eval",
+    "search",
+    "scaling",
+    "data",
+    "import_",
+    "export",
+)
 
 EPILOG = """\
 examples:
@@ -23,6 +35,7 @@ examples:
   moeforge validate specs/models/*.yaml            check specs (exit 2 on problems)
   moeforge train debug --budget-flops 2e12         train on the bundled corpus
   moeforge search quickstart                       budget-constrained architecture search
+  moeforge scaling fit runs/ladder --out fit/      scaling law of a search's runs; then `scaling predict`
   moeforge data prepare bundled --train-tokenizer 1024 --out data/bpe1k   tokenize once into shards
 
 Shipped specs can be named without a path; `moeforge schema` prints the JSON Schema of specs.

@@ -36,7 +36,6 @@ ceil(capacity_factor * T * K / E) pairs in token order; the rest contribute 0.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Literal
 
@@ -296,8 +295,7 @@ class Experts(nn.Module):
             y_sorted_ND = self._grouped(x_sorted_ND, g_N1, kept_E, w1, w3, w2)
         elif mode == "fused_loop":
             assert kept is not None
-            bounds = [0, *itertools.accumulate(kept)]
-            args = (x_TD_c, g_N1, w1, w3, w2, tok_N, bounds, self.activation)
+            args = (x_TD_c, g_N1, w1, w3, w2, tok_N, kept, self.activation)
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
                 out_TD = _FusedExperts.apply(*args)
             else:  # nothing to save for a backward
@@ -383,60 +381,66 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b) if torch.jit.is_tracing() else torch.mm(a, b, out=out)
 
 
-def _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, bounds, activation, save: bool):
+def _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, kept, activation, save: bool):
     """`_FusedExperts`' forward as plain ops (also what runs without autograd, so jit tracing sees the
-    matmuls); returns the output and, when `save`, the pre-activations [N, F or 2F]."""
+    matmuls); `kept` is the rows per expert (host ints). Returns the output and, when `save`, the
+    pre-activations [N, F or 2F] (gate in the first F columns, up in the rest)."""
     with torch.autocast(x_TD.device.type, enabled=False):  # inputs are already in the compute dtype
         T, D = x_TD.shape
         E, Fh, _ = w1_EFD.shape
         glu = w3_EFD is not None
         P = (2 if glu else 1) * Fh
         act = _ACT_OUT[activation][0]
-        C = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        C = max(kept)
         out_TD = x_TD.new_zeros(T, D)
         pre_NP = x_TD.new_empty(tok_N.shape[0] if save else C, P)
         x_CD, y_CD, h_CF = x_TD.new_empty(C, D), x_TD.new_empty(C, D), x_TD.new_empty(C, Fh)
-        w_PD = x_TD.new_empty(P, D) if glu else None
-        for e in range(E):
-            s, t = bounds[e], bounds[e + 1]
-            if s == t:
+        # Per-expert views made in a few calls rather than several indexing ops per expert: Python and
+        # dispatcher overhead is a fixed cost per op, paid 63 times per layer here.
+        toks, gs = tok_N.split(kept), g_N1.split(kept)
+        pres = pre_NP.split(kept) if save else None
+        w1_DF, w2_FD = w1_EFD.transpose(1, 2).unbind(0), w2_EDF.transpose(1, 2).unbind(0)
+        w3_DF = w3_EFD.transpose(1, 2).unbind(0) if glu else None
+        for e, n in enumerate(kept):
+            if n == 0:
                 continue
-            n, te = t - s, tok_N[s:t]
+            te = toks[e]
             xe = torch.index_select(x_TD, 0, te, out=x_CD[:n])
-            we = torch.cat([w1_EFD[e], w3_EFD[e]], out=w_PD) if glu else w1_EFD[e]
-            pre = _mm(xe, we.t(), pre_NP[s:t] if save else pre_NP[:n])
-            h = act(pre[:, :Fh], h_CF[:n])
+            pre = pres[e] if pres is not None else pre_NP[:n]
+            # gate and up straight into the two halves of pre (mm writes a row-strided output in place)
+            a = _mm(xe, w1_DF[e], pre[:, :Fh])
+            h = act(a, h_CF[:n])
             if glu:
-                h.mul_(pre[:, Fh:])
-            h.mul_(g_N1[s:t])
-            out_TD.index_add_(0, te, _mm(h, w2_EDF[e].t(), y_CD[:n]))
+                h.mul_(_mm(xe, w3_DF[e], pre[:, Fh:]))  # type: ignore[index]
+            h.mul_(gs[e])
+            out_TD.index_add_(0, te, _mm(h, w2_FD[e], y_CD[:n]))
     return out_TD, (pre_NP if save else None)
 
 
 class _FusedExperts(torch.autograd.Function):
     """Every expert's whole FFN on its sorted rows, gather to combine, in one autograd node (``fused_loop``).
 
-    Per expert e with sorted rows s:t: gather its tokens, pre = x_e [W1_e; W3_e]^T (one matmul for gate and
-    up), h = act(a) * b * g, add h W2_e^T into the tokens' output rows. Every temporary is one expert's rows
-    (about 0.5 MB here) in a buffer reused across experts, so it stays in cache; no [N, D] buffer exists in
-    forward or backward. Only the pre-activations [N, F or 2F] are saved; backward regathers x and the
-    upstream gradient per expert and recomputes act(a) (cheaper than storing it), and writes each weight's
-    gradient straight into its slot. Matmul FLOPs are the loop's, on kept pairs only.
+    Per expert e with sorted rows s:t: gather its tokens, a = x_e W1_e^T and b = x_e W3_e^T side by side in
+    one [n, 2F] buffer, h = act(a) * b * g, add h W2_e^T into the tokens' output rows. Every temporary is one
+    expert's rows (about 0.5 MB here) in a buffer reused across experts, so it stays in cache; no [N, D]
+    buffer exists in forward or backward. Only the pre-activations [N, F or 2F] are saved; backward regathers
+    x and the upstream gradient per expert and recomputes act(a) (cheaper than storing it), and writes each
+    weight's gradient straight into its slot. Matmul FLOPs are the loop's, on kept pairs only.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, bounds, activation):
-        out_TD, pre_NP = _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, bounds, activation, True)
+    def forward(ctx, x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, kept, activation):
+        out_TD, pre_NP = _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, kept, activation, True)
         ctx.save_for_backward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, pre_NP)
-        ctx.bounds, ctx.activation = bounds, activation
+        ctx.kept, ctx.activation = kept, activation
         return out_TD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout_TD):
         x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, pre_NP = ctx.saved_tensors
-        bounds = ctx.bounds
-        C = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        kept = ctx.kept
+        C = max(kept)
         act, act_bwd = _ACT_OUT[ctx.activation]
         glu = w3_EFD is not None
         E, Fh, D = w1_EFD.shape
@@ -450,38 +454,40 @@ class _FusedExperts(torch.autograd.Function):
             x_CD, gy_CD, gx_CD = (x_TD.new_empty(C, D) for _ in range(3))
             sa_CF, sb_CF, gh_CF = (x_TD.new_empty(C, Fh) for _ in range(3))
             gpre_CP = x_TD.new_empty(C, P)
-            w_PD, gw_PD = (x_TD.new_empty(P, D), x_TD.new_empty(P, D)) if glu else (None, None)
-            for e in range(E):
-                s, t = bounds[e], bounds[e + 1]
-                if s == t:  # no rows: zero weight gradient
-                    for gw in (gw1_EFD, gw3_EFD, gw2_EDF):
+            toks, gs, pres, ggs = tok_N.split(kept), g_N1.split(kept), pre_NP.split(kept), gg_N1.split(kept)
+            w1s, w2s = w1_EFD.unbind(0), w2_EDF.unbind(0)
+            w3s = w3_EFD.unbind(0) if glu else None
+            gw1s, gw2s = gw1_EFD.unbind(0), gw2_EDF.unbind(0)
+            gw3s = gw3_EFD.unbind(0) if gw3_EFD is not None else None
+            for e, n in enumerate(kept):
+                if n == 0:  # no rows: zero weight gradient
+                    for gw in (gw1s, gw3s, gw2s):
                         if gw is not None:
                             gw[e].zero_()
                     continue
-                n, te, ge = t - s, tok_N[s:t], g_N1[s:t]
+                te, ge, pre = toks[e], gs[e], pres[e]
                 xe = torch.index_select(x_TD, 0, te, out=x_CD[:n])
                 gy = torch.index_select(gout_TD, 0, te, out=gy_CD[:n])  # the combine's backward: a gather
-                a = pre_NP[s:t, :Fh]
+                a = pre[:, :Fh]
                 sa = act(a, sa_CF[:n])
-                b = pre_NP[s:t, Fh:] if glu else None
+                b = pre[:, Fh:] if glu else None
                 sb = torch.mul(sa, b, out=sb_CF[:n]) if glu else sa  # hidden activation before the gate
-                torch.mm(gy.t(), torch.mul(sb, ge, out=gh_CF[:n]), out=gw2_EDF[e])  # h = g * sb
-                gh = torch.mm(gy, w2_EDF[e], out=gh_CF[:n])  # dL/dh
+                torch.mm(gy.t(), torch.mul(sb, ge, out=gh_CF[:n]), out=gw2s[e])  # h = g * sb
+                gh = torch.mm(gy, w2s[e], out=gh_CF[:n])  # dL/dh
                 prod = torch.mul(gh, sb, out=sb_CF[:n] if glu else gpre_CP[:n])  # sb is not needed again
-                torch.sum(prod, 1, keepdim=True, out=gg_N1[s:t])  # dL/dg = sum_f dL/dh * sb
+                torch.sum(prod, 1, keepdim=True, out=ggs[e])  # dL/dg = sum_f dL/dh * sb
                 gh.mul_(ge)  # dL/d sb
                 gpre = gpre_CP[:n]
+                ga = gpre[:, :Fh]
                 if glu:
-                    torch.mul(gh, sa, out=gpre[:, Fh:])  # dL/db
+                    gb = torch.mul(gh, sa, out=gpre[:, Fh:])  # dL/db
                     gh.mul_(b)  # dL/d act(a)
-                act_bwd(gh, a, gpre[:, :Fh])  # dL/da
+                act_bwd(gh, a, ga)  # dL/da
+                torch.mm(ga.t(), xe, out=gw1s[e])
+                gx = torch.mm(ga, w1s[e], out=gx_CD[:n])
                 if glu:
-                    we = torch.cat([w1_EFD[e], w3_EFD[e]], out=w_PD)
-                    gwe = torch.mm(gpre.t(), xe, out=gw_PD)
-                    gw1_EFD[e].copy_(gwe[:Fh])
-                    gw3_EFD[e].copy_(gwe[Fh:])
-                else:
-                    we = w1_EFD[e]
-                    torch.mm(gpre.t(), xe, out=gw1_EFD[e])
-                gx_TD.index_add_(0, te, torch.mm(gpre, we, out=gx_CD[:n]))
+                    assert gw3s is not None and w3s is not None
+                    torch.mm(gb.t(), xe, out=gw3s[e])
+                    gx.addmm_(gb, w3s[e])
+                gx_TD.index_add_(0, te, gx)
         return gx_TD, gg_N1, gw1_EFD, gw3_EFD, gw2_EDF, None, None, None

@@ -1,0 +1,440 @@
+"""moeforge scaling fit SOURCE: a scaling law fitted to runs; moeforge scaling predict FIT: the optimum."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ._common import console, print_json
+
+EPILOG = """\
+examples:
+  moeforge scaling fit runs/ladder                      fit a search's runs (a run dir or its trials.json)
+  moeforge scaling fit runs.csv --law chinchilla        or a CSV: params, tokens, loss[, granularity, flops, seed]
+  moeforge scaling fit runs/ladder --out runs/ladder/scaling   fit.json and the plots
+  moeforge scaling predict runs/ladder/scaling/fit.json --budget 1e15
+  moeforge scaling predict runs/ladder/scaling/fit.json --budget 1e15 --spec big.yaml   the spec to train
+
+SOURCE is a search run dir, a trials.json, or a CSV with one row per run. From a search, every complete
+trial gives one run per seed; a configuration's seeds are resampled together by the bootstrap.
+"""
+
+SOURCE_HELP = (
+    "a search run dir, its trials.json, or a CSV with columns params, tokens, loss (granularity for laws with "
+    "G; flops and seed when present)"
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scaling",
+        help="fit scaling laws (Chinchilla, Krajewski et al.'s granularity law) to runs; predict the optimum",
+        description="Fit a scaling law to the runs of a search (or a CSV) like Hoffmann et al. and Epoch's "
+        "replication do (Huber loss on log loss, L-BFGS-B from a grid of starts), with bootstrap intervals "
+        "and a holdout of the largest budget; then predict the compute-optimal model at a bigger budget.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    f = verbs.add_parser(
+        "fit",
+        help="fit a law: constants with 95%% intervals, RMSE, holdout error, per-budget table",
+        description="Fit a scaling law to SOURCE and print its constants with 95% bootstrap intervals "
+        "(configurations resampled with their seeds), the RMSE of the fitted loss, the error on the "
+        "largest budget's runs when it is left out of the fit, and each budget's configurations (mean ± "
+        "std over seeds, entries tied with the best within seed noise marked).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    f.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    _fit_options(f)
+    f.add_argument(
+        "--out", metavar="DIR", help="write DIR/fit.json (what predict reads) and the plots (PNG, HTML)"
+    )
+    f.add_argument(
+        "--target",
+        type=float,
+        metavar="C",
+        help="with --out: also plot the extrapolation to C training FLOPs",
+    )
+    f.add_argument("--json", action="store_true", help="print the fit as JSON (only JSON on stdout)")
+    f.set_defaults(run=run_fit)
+
+    q = verbs.add_parser(
+        "predict",
+        help="the compute-optimal N, D (and G) at a budget, and the loss the fit predicts",
+        description="The compute-optimal configuration at --budget C training FLOPs under a fitted law: "
+        "N*, D* (and the best G among --granularities for laws with G) and the predicted loss with its "
+        "95% interval over the bootstrap fits. For a fit of a search's runs, candidate specs are realized "
+        "from the best trial at the largest budget (scaled like the search's size axis, at each G) and "
+        "counted exactly, so D = C / their training FLOPs per token; otherwise D = C / (6 N).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("fit", metavar="FIT", help="a fit.json from `scaling fit --out`, or a SOURCE to fit now")
+    q.add_argument("--budget", type=float, required=True, metavar="C", help="training FLOPs, e.g. 1e21")
+    q.add_argument(
+        "--granularities",
+        default="1,2,4,8,16",
+        metavar="G,...",
+        help="candidate granularities (m) for laws with G (default 1,2,4,8,16)",
+    )
+    q.add_argument(
+        "--flops-per-token",
+        choices=("auto", "6N", "accounting"),
+        default="auto",
+        help="how a model's training FLOPs per token are counted: auto (moeforge's accounting of realized "
+        "specs for a search's fit, else 6N), 6N (continuous N), accounting",
+    )
+    q.add_argument(
+        "--spec",
+        metavar="OUT.yaml",
+        help="write the model spec that realizes the optimum (fits of a search only)",
+    )
+    _fit_options(q)
+    q.add_argument("--json", action="store_true", help="print the prediction as JSON (only JSON on stdout)")
+    q.set_defaults(run=run_predict)
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--law",
+        choices=("chinchilla", "krajewski"),
+        help="chinchilla: L = E + A/N^alpha + B/D^beta; krajewski: L = c + (g/G^gamma + a)/N^alpha + b/D^beta "
+        "(default krajewski when the runs have two or more G, else chinchilla)",
+    )
+    p.add_argument(
+        "--n",
+        dest="n_kind",
+        choices=("activated_non_embedding", "activated", "total", "non_embedding"),
+        default="activated_non_embedding",
+        help="which parameter count is N (default activated_non_embedding: the parameters each token uses, "
+        "without embedding and head)",
+    )
+    p.add_argument(
+        "--resamples", type=int, default=200, metavar="K", help="bootstrap resamples (default 200; 0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"moeforge scaling: {msg}", file=sys.stderr)
+    return code
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL
+    from moeforge.search._scaling import FitFailed, ScalingInputError
+
+    try:
+        runs, fit = _fit_source(args.source, args)
+        files: list[str] = []
+        if args.out:
+            files = _write_out(Path(args.out), runs, fit, args.target)
+    except ScalingInputError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except FitFailed as e:
+        return _fail(str(e), EXIT_FAIL)
+    if args.json:
+        print_json({**_clean(fit.summary()), "configurations": _config_rows(runs, fit), "files": files})
+        return 0
+    _render_fit(runs, fit, files)
+    return 0
+
+
+def _fit_source(source: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    from moeforge.search._scaling import ScalingInputError, fit, load_runs
+
+    if args.resamples < 0:
+        raise ScalingInputError("--resamples must be >= 0")
+    runs = load_runs(source, args.n_kind)
+    if runs.dropped:
+        shown = ", ".join(runs.dropped[:5]) + (
+            f" and {len(runs.dropped) - 5} more" if len(runs.dropped) > 5 else ""
+        )
+        print(
+            f"moeforge scaling: warning: dropped {len(runs.dropped)} run(s) with a non-finite or non-positive "
+            f"loss: {shown}",
+            file=sys.stderr,
+        )
+    return runs, fit(runs, args.law, resamples=args.resamples, seed=args.seed)
+
+
+def _write_out(out: Path, runs: Any, fit: Any, target: float | None) -> list[str]:
+    from moeforge.search._scaling_plots import write_scaling_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit.json").write_text(json.dumps(_clean(fit.to_json()), indent=2) + "\n")
+    made = write_scaling_plots(runs, fit, out, target)
+    return [str(out / "fit.json")] + [str(out / f"{m}.png") for m in made]
+
+
+def _clean(obj: Any) -> Any:
+    """NaN and infinities as null, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _config_rows(runs: Any, fit: Any) -> list[dict[str, Any]]:
+    """Each configuration at its budget: mean ± std over seeds, whether it is the budget's best or tied
+    with it within seed noise (`moeforge.search._results.tied`), and the fitted loss."""
+    import numpy as np
+
+    from moeforge.search._results import seed_stats, tied
+
+    rows = []
+    by_budget: dict[float, list[dict[str, Any]]] = {}
+    for gi, cfg in enumerate(runs.configs):
+        m = runs.group == gi
+        if not m.any():
+            continue
+        i = int(np.flatnonzero(m)[0])
+        values = [float(v) for v in runs.loss[m]]
+        mean, std = seed_stats(values)
+        g = float(runs.g[i])
+        row = {
+            "config": cfg["label"],
+            "budget": float(runs.budget[i]),
+            "params": float(runs.n[i]),
+            "tokens": float(runs.d[i]),
+            "granularity": g if math.isfinite(g) else None,
+            "K_s": cfg.get("K_s"),
+            "experts": cfg.get("experts"),
+            "size": cfg.get("size"),
+            "seeds": len(values),
+            "loss_mean": mean,
+            "loss_std": std,
+            "fitted": float(fit.predict_loss(runs.n[i], runs.d[i], g if fit.law_obj.uses_g else None)),
+            "_values": values,
+        }
+        by_budget.setdefault(row["budget"], []).append(row)
+    for budget in sorted(by_budget):
+        group = sorted(by_budget[budget], key=lambda r: r["loss_mean"])
+        best = group[0]
+        for r in group:
+            r["best"] = r is best
+            r["tied"] = None if r is best else tied(best["_values"], r["_values"])
+            rows.append(r)
+    for r in rows:
+        del r["_values"]
+    return rows
+
+
+def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from moeforge._format import count
+    from moeforge.search._results import TIE_RULE
+
+    con = console()
+    law = fit.law_obj
+    budgets = ", ".join(f"{b:.3g}" for b in fit.budgets)
+    con.print(f"scaling fit: {law.name}, {law.formula}", highlight=False)
+    con.print(
+        f"  {fit.n_points} runs ({len(runs.configs)} configurations) at {len(fit.budgets)} budget(s) ({budgets} "
+        f"FLOPs); N = {fit.n_kind.replace('_', ' ')} parameters; from {fit.source}",
+        highlight=False,
+    )
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    t.add_column("constant")
+    t.add_column("value", justify="right")
+    t.add_column("95% interval", justify="right")
+    if law.published:
+        t.add_column("Krajewski et al.", justify="right")
+    for c in law.constants:
+        lo, hi = fit.ci[c]
+        row = [c, f"{fit.constants[c]:.4g}", f"{lo:.4g} - {hi:.4g}" if math.isfinite(lo) else "-"]
+        if law.published:
+            row.append(f"{law.published[c]:g}" if c in law.published else "")
+        t.add_row(*row)
+    con.print(t)
+    b = fit.bootstrap
+    con.print(
+        f"  bootstrap: {b['converged']}/{b['resamples']} resamples of the configurations with their seeds "
+        f"converged (seed {b['seed']})",
+        highlight=False,
+    )
+    if law.published:
+        con.print(
+            f"  published: {law.reference}; their N is total non-embedding parameters at expansion rate 64, so "
+            "only the exponents compare",
+            highlight=False,
+        )
+    con.print(f"  RMSE of the fitted loss: {fit.rmse:.4g}", highlight=False)
+    if fit.holdout:
+        h = fit.holdout
+        con.print(
+            f"  holdout: fitted without the {h['budget']:.3g} budget, its {h['n_points']} runs are predicted with "
+            f"mean |relative error| {h['mean_abs_rel_error']:.2%}",
+            highlight=False,
+        )
+    else:
+        con.print(f"  {fit.holdout_note or 'no holdout'}", highlight=False)
+
+    rows = _config_rows(runs, fit)
+    for budget in sorted({r["budget"] for r in rows}):
+        t = Table(
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            title=f"budget {budget:.3g} FLOPs",
+            title_justify="left",
+        )
+        for col in ("config", "N", "D", "G", "K_s", "experts", "loss", "fit", ""):
+            t.add_column(col, justify="left" if col in ("config", "") else "right")
+        for r in (r for r in rows if r["budget"] == budget):
+            loss = f"{r['loss_mean']:.4f}" + (f" ± {r['loss_std']:.4f}" if r["loss_std"] is not None else "")
+            if r["best"]:
+                mark = "best" + ("" if r["seeds"] > 1 else " (1 seed: no noise estimate)")
+            elif r["tied"] is None:
+                mark = "1 seed: no noise estimate"
+            else:
+                mark = "tied" if r["tied"] else ""
+            t.add_row(
+                r["config"],
+                count(int(r["params"])),
+                count(int(r["tokens"])),
+                f"{r['granularity']:g}" if r["granularity"] is not None else "-",
+                str(r["K_s"]) if r["K_s"] is not None else "-",
+                r["experts"] or "-",
+                loss,
+                f"{r['fitted']:.4f}",
+                mark,
+            )
+        con.print(t)
+    con.print(f"  {TIE_RULE}", highlight=False)
+    if files:
+        con.print(f"wrote {', '.join(files)}", highlight=False)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL
+    from moeforge.search._scaling import FitFailed, ScalingInputError
+
+    try:
+        fit = _load_or_fit(args)
+        pred = _predict(fit, args)
+        written = _write_spec(fit, pred, args.spec) if args.spec else None
+    except ScalingInputError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except FitFailed as e:
+        return _fail(str(e), EXIT_FAIL)
+    if args.json:
+        print_json(_clean({**pred.summary(), "law": fit.law, "n": fit.n_kind, "spec": written}))
+        return 0
+    _render_prediction(fit, pred, written)
+    return 0
+
+
+def _load_or_fit(args: argparse.Namespace) -> Any:
+    from moeforge.search._scaling import load_fit
+
+    path = Path(args.fit)
+    if path.is_file() and path.suffix == ".json":
+        try:
+            head = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            head = None
+        if isinstance(head, dict) and "format" in head:
+            return load_fit(path)
+    return _fit_source(args.fit, args)[1]
+
+
+def _predict(fit: Any, args: argparse.Namespace) -> Any:
+    from moeforge.search._scaling import ScalingInputError, predict
+
+    try:
+        gs = [float(x) for x in args.granularities.split(",") if x.strip()]
+    except ValueError:
+        raise ScalingInputError(
+            f"--granularities {args.granularities!r}: give numbers, e.g. 1,2,4,8,16"
+        ) from None
+    if args.spec and args.flops_per_token == "6N":
+        raise ScalingInputError(
+            "--spec needs specs realized by moeforge's accounting; drop --flops-per-token 6N"
+        )
+    if args.spec and fit.search is None:
+        raise ScalingInputError(
+            f"--spec needs a fit of a search's runs (a run dir or its fit.json); this fit is of {fit.source}, "
+            "which has no search spec to realize"
+        )
+    return predict(fit, args.budget, gs, args.flops_per_token)
+
+
+def _write_spec(fit: Any, pred: Any, out: str) -> str:
+    from moeforge.compiler import load_spec, spec_to_yaml
+    from moeforge.search._scaling import ScalingInputError
+
+    if pred.spec is None:
+        raise ScalingInputError("--spec: this prediction realized no spec (a fit without a search spec)")
+    search = fit.search_spec()
+    name = f"{search.name}-optimal-{pred.budget_flops:.0e}".replace("+", "")
+    spec = pred.spec.model_copy(update={"name": name})
+    lo, hi = pred.loss_ci
+    header = (
+        f"Compute-optimal model at {pred.budget_flops:.3g} training FLOPs under a {fit.law} fit of {fit.source}\n"
+        f"(moeforge scaling predict): N = {pred.params:,.0f} {fit.n_kind.replace('_', ' ')} parameters, "
+        f"D = {pred.tokens:,.0f} tokens, G = {pred.granularity}\n"
+        f"predicted loss {pred.loss:.4f} (95% interval {lo:.4f} - {hi:.4f}); scale factor {pred.size:.4g} of "
+        "the search's base, from its best trial at the largest budget"
+    )
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec_to_yaml(spec, header=header))
+    load_spec(path)  # validated as any spec file is (raises SpecError -> exit 2)
+    return str(path)
+
+
+def _render_prediction(fit: Any, pred: Any, written: str | None) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from moeforge._format import count
+
+    con = console()
+    lo, hi = pred.loss_ci
+    con.print(
+        f"scaling predict: {pred.budget_flops:.3g} training FLOPs under the {fit.law} fit of {fit.source}",
+        highlight=False,
+    )
+    g = f", G* = {pred.granularity:g}" if pred.granularity is not None else ""
+    con.print(
+        f"  N* = {count(int(pred.params))} {fit.n_kind.replace('_', ' ')} parameters, D* = {count(int(pred.tokens))} "
+        f"tokens ({pred.tokens / pred.params:.1f} per parameter){g}",
+        highlight=False,
+    )
+    ci = f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) else "-"
+    con.print(
+        f"  predicted loss {pred.loss:.4f} (95% interval {ci} over {len(fit.samples)} bootstrap fits)",
+        highlight=False,
+    )
+    how = (
+        f"moeforge's accounting of specs realized from the best trial (scale x{pred.size:.3g} of the base)"
+        if pred.method == "accounting"
+        else "6N"
+    )
+    con.print(f"  training FLOPs per token: {count(int(pred.flops_per_token))} ({how})", highlight=False)
+    if len(pred.candidates) > 1:
+        t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for col in ("G", "N", "D", "loss"):
+            t.add_column(col, justify="right")
+        for c in pred.candidates:
+            t.add_row(
+                f"{c['granularity']:g}", count(int(c["params"])), count(int(c["tokens"])), f"{c['loss']:.4f}"
+            )
+        con.print(t)
+    for note in pred.notes:
+        con.print(f"  note: {note}", highlight=False)
+    if written:
+        con.print(f"wrote {written}", highlight=False)

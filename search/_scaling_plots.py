@@ -1,0 +1,300 @@
+"""Plots of a scaling-law fit, PNG (matplotlib) and HTML (plotly): IsoFLOP curves, loss against G,
+extrapolation to a target budget, residuals. A plot that cannot be drawn is skipped, never fatal."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._scaling import Fit, Runs, optimum_6n
+
+
+def write_scaling_plots(runs: Runs, fit: Fit, out_dir: str | Path, target: float | None = None) -> list[str]:
+    """Write the fit's plots into `out_dir` as NAME.png and NAME.html; returns the names written.
+
+    isoflop (loss against N, one line per budget, the law's curve through each budget's points and its
+    minimum), loss_vs_G (when the runs have two or more G), extrapolation (when `target` FLOPs are given:
+    the law's compute-optimal loss from the smallest budget to the target, with its 95% bootstrap band, and
+    each budget's best run), residuals (observed / fitted - 1 for every run). A plot that fails leaves
+    NAME.error.txt instead.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    made: list[str] = []
+
+    def save(name: str, draw: Callable[[], tuple[Any, Any]]) -> None:
+        import matplotlib.pyplot as plt
+
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                fig, html = draw()
+                fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+                plt.close(fig)
+                html.write_html(out / f"{name}.html", include_plotlyjs="directory")
+            made.append(name)
+        except Exception as e:  # noqa: BLE001 - a plot is never worth failing the command for
+            plt.close("all")
+            (out / f"{name}.error.txt").write_text(f"{type(e).__name__}: {e}\n")
+
+    if len(runs):
+        save("isoflop", lambda: _isoflop(runs, fit))
+        if len(runs.distinct_g()) >= 2:
+            save("loss_vs_G", lambda: _loss_vs_g(runs, fit))
+        save("residuals", lambda: _residuals(runs, fit))
+    if target is not None and fit.budgets:
+        save("extrapolation", lambda: _extrapolation(runs, fit, target))
+    return made
+
+
+def _configs(runs: Runs) -> list[dict[str, Any]]:
+    """One point per configuration: mean and std of its seeds' losses."""
+    out = []
+    for gi in range(len(runs.configs)):
+        m = runs.group == gi
+        if not m.any():
+            continue
+        i = int(np.flatnonzero(m)[0])
+        losses = runs.loss[m]
+        out.append(
+            {
+                "n": float(runs.n[i]),
+                "d": float(runs.d[i]),
+                "g": float(runs.g[i]),
+                "budget": float(runs.budget[i]),
+                "loss": float(losses.mean()),
+                "std": float(losses.std(ddof=1)) if len(losses) > 1 else 0.0,
+                "label": runs.configs[gi]["label"],
+            }
+        )
+    return out
+
+
+def _budget_curve(fit: Fit, pts: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The law along one budget's runs: log D against log N through its points (slope -1 with one
+    point), at the G of the budget's best run; returns (N, loss, G)."""
+    ns = np.array([p["n"] for p in pts])
+    ds = np.array([p["d"] for p in pts])
+    if len(set(ns)) >= 2:
+        slope, icpt = np.polyfit(np.log(ns), np.log(ds), 1)
+    else:
+        slope, icpt = -1.0, float(np.log(ds[0]) + np.log(ns[0]))
+    best = min(pts, key=lambda p: p["loss"])
+    g = best["g"] if fit.law_obj.uses_g else None
+    grid = np.exp(np.linspace(np.log(ns.min()) - 0.7, np.log(ns.max()) + 0.7, 80))
+    d = np.exp(icpt + slope * np.log(grid))
+    return grid, fit.predict_loss(grid, d, g), g
+
+
+def _by_budget(pts: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    out: dict[float, list[dict[str, Any]]] = {}
+    for p in sorted(pts, key=lambda p: (p["budget"], p["n"])):
+        out.setdefault(p["budget"], []).append(p)
+    return out
+
+
+def _isoflop(runs: Runs, fit: Fit) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    html = go.Figure()
+    colors = plt.get_cmap("viridis")
+    groups = _by_budget(_configs(runs))
+    for i, (budget, pts) in enumerate(groups.items()):
+        color = colors(i / max(1, len(groups) - 1))
+        hexc = matplotlib_hex(color)
+        ax.errorbar(
+            [p["n"] for p in pts],
+            [p["loss"] for p in pts],
+            yerr=[p["std"] for p in pts],
+            fmt="o",
+            color=color,
+            capsize=2,
+            label=f"{budget:.3g}",
+        )
+        grid, curve, g = _budget_curve(fit, pts)
+        ax.plot(grid, curve, "-", color=color, alpha=0.8)
+        k = int(np.argmin(curve))
+        ax.plot([grid[k]], [curve[k]], "*", color=color, markersize=12, markeredgecolor="black")
+        name = f"{budget:.3g} FLOPs" + (f" (G={g:g})" if g is not None else "")
+        html.add_trace(
+            go.Scatter(
+                x=[p["n"] for p in pts],
+                y=[p["loss"] for p in pts],
+                error_y={"type": "data", "array": [p["std"] for p in pts]},
+                mode="markers",
+                name=name,
+                marker={"color": hexc},
+                text=[p["label"] for p in pts],
+            )
+        )
+        html.add_trace(go.Scatter(x=grid, y=curve, mode="lines", name=f"{name}: fit", line={"color": hexc}))
+        html.add_trace(
+            go.Scatter(
+                x=[grid[k]],
+                y=[curve[k]],
+                mode="markers",
+                name=f"{name}: optimum",
+                marker={"symbol": "star", "size": 14, "color": hexc},
+            )
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"N ({runs.n_kind.replace('_', ' ')} parameters)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"IsoFLOP curves, {fit.law} fit (stars: each budget's optimum)", fontsize=10)
+    ax.legend(title="budget (FLOPs)", fontsize=8)
+    fig.tight_layout()
+    html.update_layout(
+        title=f"IsoFLOP curves ({fit.law} fit)", xaxis_title="N", yaxis_title="loss", xaxis_type="log"
+    )
+    return fig, html
+
+
+def matplotlib_hex(color: Any) -> str:
+    from matplotlib.colors import to_hex
+
+    return str(to_hex(color))
+
+
+def _loss_vs_g(runs: Runs, fit: Fit) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    html = go.Figure()
+    colors = plt.get_cmap("viridis")
+    groups = _by_budget(_configs(runs))
+    for i, (budget, pts) in enumerate(groups.items()):
+        color = colors(i / max(1, len(groups) - 1))
+        pts = sorted(pts, key=lambda p: (p["g"], p["n"]))
+        fitted = [
+            float(fit.predict_loss(p["n"], p["d"], p["g"] if fit.law_obj.uses_g else None)) for p in pts
+        ]
+        ax.errorbar(
+            [p["g"] for p in pts],
+            [p["loss"] for p in pts],
+            yerr=[p["std"] for p in pts],
+            fmt="o",
+            color=color,
+            capsize=2,
+            label=f"{budget:.3g}",
+        )
+        ax.plot([p["g"] for p in pts], fitted, "x--", color=color, alpha=0.8)
+        hexc = matplotlib_hex(color)
+        html.add_trace(
+            go.Scatter(
+                x=[p["g"] for p in pts],
+                y=[p["loss"] for p in pts],
+                error_y={"type": "data", "array": [p["std"] for p in pts]},
+                mode="markers",
+                name=f"{budget:.3g} FLOPs",
+                marker={"color": hexc},
+                text=[p["label"] for p in pts],
+            )
+        )
+        html.add_trace(
+            go.Scatter(
+                x=[p["g"] for p in pts],
+                y=fitted,
+                mode="lines+markers",
+                name=f"{budget:.3g}: fit",
+                line={"color": hexc, "dash": "dash"},
+            )
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("granularity G (m)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"loss against G per budget (x: the {fit.law} fit at each run's N, D)", fontsize=10)
+    ax.legend(title="budget (FLOPs)", fontsize=8)
+    fig.tight_layout()
+    html.update_layout(title="loss against G", xaxis_title="G", yaxis_title="loss", xaxis_type="log")
+    return fig, html
+
+
+def _extrapolation(runs: Runs, fit: Fit, target: float) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    g = max(fit.granularities) if fit.law_obj.uses_g and fit.granularities else None
+    lo = min(fit.budgets + [target])
+    hi = max(fit.budgets + [target])
+    cs = np.exp(np.linspace(math.log(lo), math.log(hi), 30))
+    central, band_lo, band_hi = [], [], []
+    for c in cs:
+        n, loss = optimum_6n(fit, float(c), g)
+        central.append(loss)
+        vals = [float(fit.predict_loss(n, c / (6 * n), g, s)) for s in fit.samples] or [loss]
+        band_lo.append(float(np.percentile(vals, 2.5)))
+        band_hi.append(float(np.percentile(vals, 97.5)))
+    best = []
+    for b in sorted(set(runs.budget.tolist())):
+        m = runs.budget == b
+        best.append((b, float(runs.loss[m].min())))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.fill_between(cs, band_lo, band_hi, alpha=0.25, label="95% bootstrap band")
+    ax.plot(cs, central, "-", label="compute-optimal loss (6N)" + (f", G={g:g}" if g else ""))
+    ax.plot([b for b, _ in best], [v for _, v in best], "o", label="best run per budget")
+    ax.axvline(target, color="gray", linestyle=":", label=f"target {target:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("loss")
+    ax.set_title(f"extrapolation of the {fit.law} fit", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    html = go.Figure()
+    html.add_trace(
+        go.Scatter(
+            x=np.concatenate([cs, cs[::-1]]),
+            y=band_hi + band_lo[::-1],
+            fill="toself",
+            name="95% band",
+            opacity=0.3,
+        )
+    )
+    html.add_trace(go.Scatter(x=cs, y=central, mode="lines", name="compute-optimal loss"))
+    html.add_trace(
+        go.Scatter(x=[b for b, _ in best], y=[v for _, v in best], mode="markers", name="best run per budget")
+    )
+    html.update_layout(
+        title=f"extrapolation to {target:.3g} FLOPs",
+        xaxis_title="FLOPs",
+        yaxis_title="loss",
+        xaxis_type="log",
+    )
+    return fig, html
+
+
+def _residuals(runs: Runs, fit: Fit) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    pred = fit.predict_loss(runs.n, runs.d, runs.g if fit.law_obj.uses_g else None)
+    rel = runs.loss / pred - 1
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    sc = ax.scatter(pred, rel, c=np.log10(runs.budget), cmap="viridis", s=18)
+    fig.colorbar(sc, ax=ax, label="log10 budget")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xlabel("fitted loss")
+    ax.set_ylabel("observed / fitted - 1")
+    ax.set_title(f"residuals of the {fit.law} fit (RMSE {fit.rmse:.4g})", fontsize=10)
+    fig.tight_layout()
+    html = go.Figure(
+        go.Scatter(
+            x=pred,
+            y=rel,
+            mode="markers",
+            marker={"color": np.log10(runs.budget), "colorscale": "Viridis", "showscale": True},
+            text=[runs.configs[int(g)]["label"] for g in runs.group],
+        )
+    )
+    html.update_layout(title="residuals", xaxis_title="fitted loss", yaxis_title="observed / fitted - 1")
+    return fig, html
