@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -82,7 +83,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (the table to stderr)"
+    )
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -91,16 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(tokens=a.tokens, repeats=a.repeats, warmup=a.warmup)
+    table = sys.stderr if a.json else sys.stdout
     s = res["shape"]
     print(
         f"Experts fwd+bwd, T={s['tokens']} D={s['dim']} E={s['n_experts']} F={s['hidden']} K={s['top_k']}, "
-        f"torch {res['torch']}, {res['threads']} threads, median of {res['repeats']}"
+        f"torch {res['torch']}, {res['threads']} threads, median of {res['repeats']}",
+        file=table,
     )
     loop = res["median_ms"].get("loop")
     for d, t in res["median_ms"].items():
         ratio = f"{t / loop:6.3f}x loop" if loop else ""
-        print(f"  {d:<11} {t:9.1f} ms  {ratio}")
-    print(f"  auto picks: {res['auto_picks']}")
+        print(f"  {d:<11} {t:9.1f} ms  {ratio}", file=table)
+    print(f"  auto picks: {res['auto_picks']}", file=table)
     if a.json:
         print(json.dumps(res, indent=2))
 

@@ -2,6 +2,8 @@
 
     python -m benchmarks.moe_layer [--json] [--tokens 4096] [--repeats 9] [--warmup 3] [--threads N]
 
+``--json`` prints only the JSON result on stdout (the table goes to stderr), like ``moeforge report --json``.
+
 Shapes follow DeepSeekMoE 2B scaled to a CPU: D = 256, 1 shared + 63 routed experts of width 128, top-7,
 swiglu, fp32, balance loss a1 = 0.01 (its backward is timed too). The dense FFN has width
 (shared + top-k) x 128 = 1024, so both layers do the same expert matmul FLOPs per token; the MoE layer also
@@ -20,6 +22,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -149,7 +152,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout (the table to stderr)"
+    )
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=3)
@@ -168,18 +173,20 @@ def main(argv: list[str] | None = None) -> dict:
     res = run(
         tokens=a.tokens, repeats=a.repeats, warmup=a.warmup, hf=not a.no_hf, dispatches=tuple(a.dispatch)
     )
+    table = sys.stderr if a.json else sys.stdout
     s = res["shape"]
     print(
         f"MoE layer fwd+bwd, T={s['tokens']} D={s['dim']} {s['n_shared']} shared + {s['n_routed']} routed "
         f"F={s['hidden']} top-{s['top_k']} vs dense F={s['dense_hidden']}, fp32, torch {res['torch']}, "
-        f"{res['threads']} threads, dispatch {res['dispatch']}, median of {res['repeats']}"
+        f"{res['threads']} threads, dispatch {res['dispatch']}, median of {res['repeats']}",
+        file=table,
     )
     moe_ms = res["median_ms"]["moe"]
     for k, t in res["median_ms"].items():
         spread = f"[{min(res['all_ms'][k]):.1f} .. {max(res['all_ms'][k]):.1f}]"
-        print(f"  {k:<6} {t:9.1f} ms  {spread:<20} {t / moe_ms:6.3f}x moe")
+        print(f"  {k:<15} {t:9.1f} ms  {spread:<20} {t / moe_ms:6.3f}x moe", file=table)
     hf_ratio = f"{res['hf_over_moe']:.3f}" if res["hf_over_moe"] is not None else "n/a"
-    print(f"  moe_over_dense {res['moe_over_dense']:.3f}   hf_over_moe {hf_ratio}")
+    print(f"  moe_over_dense {res['moe_over_dense']:.3f}   hf_over_moe {hf_ratio}", file=table)
     if a.json:
         print(json.dumps(res, indent=2))
     return res

@@ -16,8 +16,9 @@ def _positive_float(v) -> bool:
 
 def test_moe_layer_smoke(capsys):
     res = moe_layer.main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--json"])
-    out = capsys.readouterr().out
-    assert json.loads(out[out.index("{") :]) == json.loads(json.dumps(res))  # the printed JSON is the result
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == json.loads(json.dumps(res))  # stdout is the JSON result, nothing else
+    assert "moe_over_dense" in captured.err  # the table went to stderr
     assert _positive_float(res["moe_over_dense"])
     for k in ("median_ms", "shape", "torch", "threads", "dispatch", "hf_over_moe"):
         assert k in res
@@ -37,8 +38,7 @@ def test_moe_layer_forced_dispatch_variant():
 
 def test_moe_dispatch_smoke(capsys):
     moe_dispatch.main(["--tokens", "64", "--repeats", "1", "--warmup", "0", "--json"])
-    out = capsys.readouterr().out
-    res = json.loads(out[out.index("{") :])
+    res = json.loads(capsys.readouterr().out)  # stdout is the JSON result, nothing else
     assert set(res["median_ms"]) == {"fused_loop", "grouped_mm", "padded_bmm", "loop"}
     assert all(_positive_float(v) for v in res["median_ms"].values())
     for k in ("grouped_over_loop", "padded_over_loop", "fused_over_loop"):
