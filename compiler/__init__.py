@@ -2,7 +2,8 @@
 
 Public API:
     load_spec(path_or_name, overrides=()) -> ModelSpec
-    build(spec, device=None, dtype=None) -> nn.Module
+    build(spec, device=None, dtype=None, seed=None) -> nn.Module
+    materialize(meta_model, spec, device, seed=None) -> nn.Module (a build on "meta", allocated and initialized)
     account(spec, causal=False) -> Accounting
     memory(spec, dtype="bf16") -> MemoryEstimate
     measure(spec, batch_size=1, seq_len=None) -> dict (FlopCounterMode, fvcore, numel)
@@ -47,12 +48,12 @@ from ._report import report_dict
 from ._spec import ModelSpec, MoEDerived
 
 if TYPE_CHECKING:
-    from ._builder import build
+    from ._builder import build, materialize
     from ._measure import measure
 
 # Only building and measuring a model need torch: they import on first use (a module `__getattr__`, PEP
 # 562), so reading, validating and counting specs (`moeforge validate`, `report`) never import it.
-_LAZY = {"build": "_builder", "measure": "_measure"}
+_LAZY = {"build": "_builder", "materialize": "_builder", "measure": "_measure"}
 
 
 def __getattr__(name: str) -> Any:
@@ -112,6 +113,7 @@ __all__ = [
     "load_spec",
     "load_validated",
     "locate",
+    "materialize",
     "measure",
     "memory",
     "merge_specs",

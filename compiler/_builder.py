@@ -100,9 +100,11 @@ def build(
 
     Args:
         spec: a validated model spec.
-        device: where to allocate; ``"meta"`` allocates nothing (for counting huge models). Default CPU.
+        device: where to allocate; ``"meta"`` allocates nothing (for counting huge models, or to check a
+            checkpoint before `materialize`). Default CPU.
         dtype: parameter dtype; default float32.
-        seed: seeds the weight initialization when given.
+        seed: seeds the weight initialization when given: the weights depend on the seed (and the device's
+            generator) alone, so `materialize(build(spec, "meta"), spec, device, seed)` gives the same model.
 
     Returns:
         A `moeforge.runtime.Transformer`; ``model(input_ids)`` gives ``.logits`` [B, S, V] and ``.aux_loss``.
@@ -124,7 +126,37 @@ def build(
             max_positions=spec.seq_len if spec.positions.kind == "learned" else None,
         )
     if device.type != "meta":
-        init_weights(model, spec.init_std, spec.n_layers)
+        _init(model, spec, seed)
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def materialize(
+    model: Transformer, spec: ModelSpec, device: str | torch.device, seed: int | None = None
+) -> Transformer:
+    """Allocate a model built on the meta device on `device` and initialize it as `build` would there.
+
+    Nothing is allocated before this: a checkpoint's shapes can be checked against the meta model first
+    (`moeforge.runtime.check_shapes`), and a model too large for the host goes straight to the GPU.
+    """
+    model.to_empty(device=device)
+    with torch.no_grad():
+        norms = [m for m in model.modules() if isinstance(m, nn.RMSNorm | nn.LayerNorm)]
+        for m in norms:
+            m.reset_parameters()  # ones (and zero biases)
+        in_norms = {id(t) for m in norms for t in m.parameters()}
+        # every other tensor of fewer than 2 dims starts at zero (biases, selection biases and their
+        # counts); tensors of 2 or more dims are what init_weights draws
+        for t in (*model.parameters(), *model.buffers()):
+            if t.dim() < 2 and id(t) not in in_norms:
+                t.zero_()
+    _init(model, spec, seed)
+    return model
+
+
+def _init(model: Transformer, spec: ModelSpec, seed: int | None) -> None:
+    # seeded again here, so the draws do not depend on what the constructors drew (nothing, on meta)
+    if seed is not None:
+        torch.manual_seed(seed)
+    init_weights(model, spec.init_std, spec.n_layers)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import TrainConfig
 
 if TYPE_CHECKING:
-    from ._checkpoint import find_checkpoint, load_checkpoint, load_weights, save_checkpoint
+    from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
     from ._data import (
         Corpus,
         DataError,
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         read_token_file,
         write_token_file,
     )
+    from ._dist import Dist, PeerFailed, init_distributed
     from ._experts import Experts
     from ._layers import (
         Attention,
@@ -39,11 +40,15 @@ if TYPE_CHECKING:
     )
     from ._metrics import LoadTracker, load_stats
     from ._prepare import prepare_data
-    from ._train import Diverged, OutOfMemory, evaluate, lr_at, planned_tokens, resolve_device, train
+    from ._train import Diverged, OutOfMemory, Trainer, evaluate, lr_at, planned_tokens, resolve_device, train
 
 # name -> the private module that defines it (all of them import torch)
 _LAZY = {
-    **dict.fromkeys(("find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"), "_checkpoint"),
+    **dict.fromkeys(
+        ("check_shapes", "find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"),
+        "_checkpoint",
+    ),
+    **dict.fromkeys(("Dist", "PeerFailed", "init_distributed"), "_dist"),
     **dict.fromkeys(
         (
             "Corpus",
@@ -76,7 +81,16 @@ _LAZY = {
     ),
     **dict.fromkeys(("LoadTracker", "load_stats"), "_metrics"),
     **dict.fromkeys(
-        ("Diverged", "OutOfMemory", "evaluate", "lr_at", "planned_tokens", "resolve_device", "train"),
+        (
+            "Diverged",
+            "OutOfMemory",
+            "Trainer",
+            "evaluate",
+            "lr_at",
+            "planned_tokens",
+            "resolve_device",
+            "train",
+        ),
         "_train",
     ),
 }
@@ -116,14 +130,19 @@ __all__ = [
     "Transformer",
     "init_weights",
     "make_norm",
+    "check_shapes",
     "find_checkpoint",
     "load_checkpoint",
     "load_weights",
     "save_checkpoint",
     "LoadTracker",
     "load_stats",
+    "Dist",
+    "PeerFailed",
+    "init_distributed",
     "Diverged",
     "OutOfMemory",
+    "Trainer",
     "TrainConfig",
     "evaluate",
     "lr_at",

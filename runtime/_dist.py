@@ -104,7 +104,9 @@ def stop_on_sigterm(d: Dist) -> None:
         return
 
     def handler(_sig: int, _frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        # torchrun may signal again while this process writes its summary and says why: let it finish
+        # (torchrun sends SIGKILL after its grace period, should it not)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise PeerFailed(
             f"rank {d.rank}: stopped because another process of the run ended (torchrun stopped the rest); "
             "its error is above"

@@ -557,7 +557,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None, broadcast_buffers=False
+                self.model, device_ids=[self.device.index] if cuda else None, forward_sync_buffers=False
             )
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

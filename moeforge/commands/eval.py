@@ -43,15 +43,33 @@ def _fail(msg: str, code: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_OOM
-    from moeforge.compiler import build, load_spec
-    from moeforge.runtime import DataError, OutOfMemory, evaluate, load_corpus, load_weights
+    from moeforge.compiler import build, load_spec, materialize
+    from moeforge.runtime import (
+        DataError,
+        OutOfMemory,
+        check_shapes,
+        evaluate,
+        load_corpus,
+        load_weights,
+        resolve_device,
+    )
 
     spec_path = Path(args.spec)
     spec = load_spec(spec_path / "spec.yaml" if spec_path.is_dir() else args.spec, args.overrides)
-    model = build(spec)
     from .train import set_cpu_threads
 
+    # the checkpoint's header is checked against a model on the meta device: nothing is allocated for a
+    # checkpoint that does not fit
+    model = build(spec, device="meta")
+    try:
+        device = resolve_device(args.device)
+        check_shapes(Path(args.checkpoint), model)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except Exception as e:  # safetensors reports a corrupt file with its own error types
+        return _fail(f"{args.checkpoint}: cannot read checkpoint ({type(e).__name__}: {e})", EXIT_FAIL)
     set_cpu_threads(None, model)
+    materialize(model, spec, device)
     try:
         load_weights(Path(args.checkpoint), model)
     except (FileNotFoundError, ValueError) as e:

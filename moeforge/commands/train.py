@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,17 @@ from ._common import SPEC_HELP, add_overrides, console, print_json
 TRAIN_CONFIG_FILE = "train_config.json"
 SPEC_FILE = "spec.yaml"
 # flags that, when given with --resume, replace what the run dir recorded
-_CFG_FLAGS = ("seed", "batch_size", "micro_batch_size", "lr", "schedule", "device", "compile", "eval_tokens")
+_CFG_FLAGS = (
+    "seed",
+    "batch_size",
+    "micro_batch_size",
+    "lr",
+    "schedule",
+    "device",
+    "parallel",
+    "compile",
+    "eval_tokens",
+)
 _BUDGET_FLAGS = ("budget_flops", "tokens", "steps", "time_s")
 
 
@@ -28,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Exit status: 0 done, 1 failure (bad data), 2 bad input, 3 diverged, 4 out of memory.",
         epilog="examples:\n  moeforge train debug --budget-flops 2e12 --device cpu --out runs/dbg\n"
         "  moeforge train --resume --out runs/dbg --budget-flops 4e12\n"
+        "  moeforge train debug --steps 50 --nproc 2 --parallel fsdp --device cpu --out runs/fsdp\n"
+        "  torchrun --nproc_per_node 8 -m moeforge train my.yaml --budget-flops 1e18 --out runs/big\n"
         "  moeforge train my.yaml --tokens 5e6 --data corpus.txt --set moe.top_k=4 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,6 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (starts torchrun; one GPU each on CUDA)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        help="with several processes: ddp replicates the model, fsdp shards it (FSDP2) (default ddp)",
+    )
+    p.add_argument(
         "--moe-dispatch",
         choices=("auto", "fused_loop", "grouped_mm", "padded_bmm", "loop"),
         default="auto",
@@ -86,23 +110,83 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _fail(msg: str, code: int) -> int:
-    print(f"moeforge train: {msg}", file=sys.stderr)
+def _fail(msg: str, code: int, rank: int | None = None) -> int:
+    where = f"rank {rank}: " if rank is not None else ""
+    print(f"moeforge train: {where}{msg}", file=sys.stderr)
     return code
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        from moeforge.cli import EXIT_BAD_INPUT
+
+        return _fail(f"--nproc: {args.nproc} must be >= 1", EXIT_BAD_INPUT)
+    if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch(args.nproc, args.argv)
+    from moeforge.runtime._dist import close
+
+    try:
+        return _run(args)
+    finally:
+        close()  # leave the process group (a no-op for one process)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run this command again in `nproc` processes on this machine with torchrun (torch.distributed.run);
+    the exit status is the first failing process's."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    from moeforge.cli import EXIT_FAIL
+
+    rest, skip = [], False
+    for a in argv:  # the same command without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    torch_args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeforge", *rest]
+    )
+    try:
+        torchrun(torch_args)
+    except ChildFailedError as e:
+        first = min(e.failures.values(), key=lambda f: f.timestamp)
+        return first.exitcode if first.exitcode > 0 else EXIT_FAIL
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAIL, EXIT_OOM
-    from moeforge.compiler import account, build, load_spec, spec_to_yaml
+    from moeforge.compiler import account, build, load_spec, materialize, spec_to_yaml
     from moeforge.runtime import (
         DataError,
         Diverged,
         OutOfMemory,
+        PeerFailed,
         TrainConfig,
+        check_shapes,
+        init_distributed,
         load_corpus,
         planned_tokens,
+        resolve_device,
         train,
     )
+    from moeforge.runtime._dist import stop_on_sigterm, world_from_env
+
+    # several processes (torchrun): errors every rank meets alike are printed by rank 0 only
+    main = int(os.environ.get("RANK", "0")) == 0
+    rank = int(os.environ["RANK"]) if world_from_env() > 1 else None
+
+    def fail(msg: str, code: int, everywhere: bool = False) -> int:
+        if main or everywhere:
+            _fail(msg, code, rank)
+        return code
 
     given = {k: getattr(args, k) for k in _CFG_FLAGS + _BUDGET_FLAGS if getattr(args, k) is not None}
     if args.resume:
@@ -112,56 +196,82 @@ def run(args: argparse.Namespace) -> int:
             else (Path(args.spec) if args.spec and Path(args.spec).is_dir() else None)
         )
         if out is None:
-            return _fail("--resume needs the run dir: --out DIR (or the run dir as SPEC)", EXIT_BAD_INPUT)
+            return fail("--resume needs the run dir: --out DIR (or the run dir as SPEC)", EXIT_BAD_INPUT)
         if not (out / SPEC_FILE).is_file() or not (out / TRAIN_CONFIG_FILE).is_file():
-            return _fail(f"{out}: not a run dir (no {SPEC_FILE} and {TRAIN_CONFIG_FILE})", EXIT_BAD_INPUT)
+            return fail(f"{out}: not a run dir (no {SPEC_FILE} and {TRAIN_CONFIG_FILE})", EXIT_BAD_INPUT)
         if args.overrides:
-            return _fail("--set cannot change the model of a run being resumed", EXIT_BAD_INPUT)
+            return fail("--set cannot change the model of a run being resumed", EXIT_BAD_INPUT)
         spec = load_spec(out / SPEC_FILE)
         saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
         cfg_dict: dict[str, Any] = dict(saved["config"])
+        for flag, now, was in (
+            ("--data", args.data, saved.get("data")),
+            ("--seed", args.seed, cfg_dict.get("seed", 0)),
+        ):
+            if now is not None and now != was:
+                return fail(
+                    f"{out} trained with {flag} {was if was is not None else '(the bundled corpus)'}; "
+                    f"resuming with {flag} {now} would change the run: drop {flag}, or start a new --out",
+                    EXIT_BAD_INPUT,
+                )
         if any(k in given for k in _BUDGET_FLAGS):
             for k in _BUDGET_FLAGS:
                 cfg_dict[k] = None
         cfg_dict.update(given)
-        data = args.data if args.data is not None else saved.get("data")
+        data = saved.get("data")
     else:
         if not args.spec:
-            return _fail("give a SPEC (a YAML path or a shipped name)", EXIT_BAD_INPUT)
+            return fail("give a SPEC (a YAML path or a shipped name)", EXIT_BAD_INPUT)
         spec = load_spec(args.spec, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (out / "summary.json").exists() or (out / "checkpoint").exists():
-            return _fail(
+            return fail(
                 f"{out} already holds a run; continue it with --resume or choose another --out",
                 EXIT_BAD_INPUT,
             )
         if not any(k in given for k in _BUDGET_FLAGS):
-            return _fail("give a budget: --budget-flops C, --tokens N, --steps N or --time S", EXIT_BAD_INPUT)
+            return fail("give a budget: --budget-flops C, --tokens N, --steps N or --time S", EXIT_BAD_INPUT)
         cfg_dict = given
         data = args.data
     try:
         cfg = TrainConfig.from_dict(cfg_dict)
+        device = resolve_device(cfg.device)
     except ValueError as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        return fail(str(e), EXIT_BAD_INPUT)
+    d = init_distributed(cfg.device)
+    stop_on_sigterm(d)
+    out = Path(str(d.broadcast(str(out))))  # rank 0's name (a default name holds the time)
 
     acc = account(spec)
     try:
         corpus = load_corpus(data, vocab_size=spec.vocab_size)
     except DataError as e:
-        return _fail(str(e), EXIT_FAIL)
-    if data is not None and not args.json:
+        return fail(str(e), EXIT_FAIL)
+    if data is not None and not args.json and d.main:
         print(
             data_line(corpus, acc.params_total, planned_tokens(cfg, spec.seq_len, acc.train_flops_per_token)),
             file=sys.stderr,
         )
-    model = build(spec, seed=cfg.seed)
+    # nothing is allocated until the checkpoint (if any) is known to fit the model
+    model = build(spec, device="meta")
+    if args.resume:
+        try:
+            check_shapes(out, model)
+        except (FileNotFoundError, ValueError) as e:
+            return fail(str(e), EXIT_BAD_INPUT)
+    set_cpu_threads(args.threads, model)
+    try:
+        materialize(model, spec, device, seed=cfg.seed)
+    except torch.OutOfMemoryError:
+        return fail(f"out of memory on {device} allocating the model", EXIT_OOM, everywhere=True)
     for _, moe in model.moe_layers():
         moe.experts.dispatch = args.moe_dispatch
-    set_cpu_threads(args.threads, model)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        (out / SPEC_FILE).write_text(spec_to_yaml(spec))
-    (out / TRAIN_CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict(), "data": data}, indent=2) + "\n")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            (out / SPEC_FILE).write_text(spec_to_yaml(spec))
+        config = {"config": cfg.to_dict(), "data": data}
+        (out / TRAIN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     try:
         summary = train(
             model,
@@ -175,13 +285,27 @@ def run(args: argparse.Namespace) -> int:
             extra_summary={"spec": spec.name, "run_dir": str(out)},
         )
     except Diverged as e:
-        return _fail(f"{e} (run dir {out})", EXIT_DIVERGED)
+        return fail(f"{e} (run dir {out})", EXIT_DIVERGED)
     except OutOfMemory as e:
-        return _fail(str(e), EXIT_OOM)
+        return fail(str(e), EXIT_OOM, everywhere=True)
     except DataError as e:
-        return _fail(str(e), EXIT_FAIL)
+        return fail(str(e), EXIT_FAIL)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        return fail(str(e), EXIT_BAD_INPUT)
+    except PeerFailed as e:
+        return _fail(str(e).removeprefix(f"rank {d.rank}: "), EXIT_FAIL, d.rank)
+    except RuntimeError as e:
+        if d.world == 1:
+            raise
+        # a collective that failed: a peer died (or timed out); say so in one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return _fail(
+            f"lost another process of the run ({type(e).__name__}: {first}); its error is above",
+            EXIT_FAIL,
+            d.rank,
+        )
+    if not d.main:
+        return 0
     if args.json:
         print_json(summary)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -71,6 +72,20 @@ def test_train_resume_and_eval(tmp_path, capsys):
     # a run dir is never overwritten by a new run
     assert main(["train", "debug", "--steps", "1", "--out", str(out), *FAST]) == EXIT_BAD_INPUT
     assert "--resume" in capsys.readouterr().err
+
+    # resuming keeps the run's data and seed: another one is refused, in one line
+    for flag, value in (("--seed", "1"), ("--data", str(tmp_path / "other.txt"))):
+        argv = ["train", "--resume", "--out", str(out), flag, value, "--budget-flops", str(3 * budget)]
+        assert main(argv) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err.strip()
+        assert flag in err and "would change the run" in err and len(err.splitlines()) == 1
+
+    # the checkpoint is checked against the model built on the meta device: a 16B model is never allocated
+    t0 = time.perf_counter()
+    assert main(["eval", "deepseekmoe-16b", "--checkpoint", str(out), "--device", "cpu"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "does not match the model" in err and len(err.splitlines()) == 1
+    assert time.perf_counter() - t0 < 10
 
 
 def test_divergence_exits_3_with_one_line(tmp_path, capsys):

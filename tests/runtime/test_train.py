@@ -191,6 +191,8 @@ def test_resume_to_a_larger_budget_continues(spec, fpt, corpus, tmp_path):
     assert state["step"] == 12
     with pytest.raises(ValueError, match="already trained"):
         _train(spec, fpt, corpus, _cfg(budget_flops=float(small)), tmp_path, resume=True)
+    with pytest.raises(ValueError, match="trained with seed 0"):  # the data order would change
+        _train(spec, fpt, corpus, _cfg(budget_flops=float(3 * small), seed=1), tmp_path, resume=True)
 
 
 def test_gradient_accumulation_matches_the_full_batch(fpt, corpus):
