@@ -43,8 +43,21 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return json.loads(out.out)  # --json prints only JSON
 
 
-def test_fit_trials_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
-    got = run_json(capsys, "scaling", "fit", str(FIXTURE), "--json", "--resamples", "8")
+def test_fit_trials_json_keys_files_and_predict(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "fit"
+    got = run_json(
+        capsys,
+        "scaling",
+        "fit",
+        str(FIXTURE),
+        "--json",
+        "--resamples",
+        "6",
+        "--out",
+        str(out),
+        "--target",
+        "1e14",
+    )
     assert set(got) >= FIT_KEYS
     assert got["law"] == "krajewski"  # three granularities in the runs
     assert list(got["constants"]) == ["c", "a", "b", "g", "alpha", "beta", "gamma"]
@@ -54,14 +67,32 @@ def test_fit_trials_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert got["holdout"]["mean_abs_rel_error"] < 0.03
     rows = got["configurations"]
     assert len(rows) == 27 and sum(r["best"] for r in rows) == 3  # one best per budget
+    saved = json.loads((out / "fit.json").read_text())
+    assert (
+        len(saved["samples"]) == 6
+        and saved["source"] == str(FIXTURE)
+        and saved["constants"] == got["constants"]
+    )
+    for name in ("isoflop", "loss_vs_G", "residuals", "extrapolation"):
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.html").is_file()
+    pred = run_json(capsys, "scaling", "predict", str(out / "fit.json"), "--budget", "1e14", "--json")
+    assert set(pred) >= PREDICT_KEYS and pred["method"] == "6N" and pred["granularity"] == 16
+    assert pred["params"] * pred["tokens"] * 6 == pytest.approx(1e14)
+    assert pred["loss_ci"][0] <= pred["loss"] <= pred["loss_ci"][1]
+    assert main(["scaling", "predict", str(out / "fit.json"), "--budget", "1e14"]) == 0
+    assert "N* =" in capsys.readouterr().out
 
 
-def test_fit_csv_keys(capsys: pytest.CaptureFixture[str], chinchilla_csv: Path) -> None:
+def test_fit_and_predict_a_csv(capsys: pytest.CaptureFixture[str], chinchilla_csv: Path) -> None:
     got = run_json(capsys, "scaling", "fit", str(chinchilla_csv), "--json", "--resamples", "8")
     assert got["law"] == "chinchilla"  # no granularity column
     assert list(got["constants"]) == ["E", "A", "B", "alpha", "beta"] and got["n_points"] == 30
     assert got["constants"]["alpha"] == pytest.approx(0.35, abs=0.05)
     assert got["holdout"]["budget"] == 1e19 and got["holdout"]["mean_abs_rel_error"] < 0.01
+    pred = run_json(
+        capsys, "scaling", "predict", str(chinchilla_csv), "--budget", "1e21", "--resamples", "4", "--json"
+    )
+    assert set(pred) >= PREDICT_KEYS and pred["granularity"] is None and pred["law"] == "chinchilla"
 
 
 def test_fit_table_marks_ties_and_published_values(capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,37 +101,6 @@ def test_fit_table_marks_ties_and_published_values(capsys: pytest.CaptureFixture
     assert "Krajewski et al." in out and "0.115" in out and "0.147" in out and "0.58" in out
     assert "budget 1e+12 FLOPs" in out and " best" in out and " tied" in out
     assert "RMSE" in out and "holdout: fitted without the 1e+12 budget" in out
-
-
-def test_fit_out_then_predict(
-    capsys: pytest.CaptureFixture[str], chinchilla_csv: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "fit"
-    assert (
-        main(
-            ["scaling", "fit", str(chinchilla_csv), "--out", str(out), "--target", "1e21", "--resamples", "8"]
-        )
-        == 0
-    )
-    capsys.readouterr()
-    saved = json.loads((out / "fit.json").read_text())
-    assert len(saved["samples"]) == 8 and saved["source"] == str(chinchilla_csv)
-    for name in ("isoflop", "residuals", "extrapolation"):
-        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.html").is_file()
-    got = run_json(capsys, "scaling", "predict", str(out / "fit.json"), "--budget", "1e21", "--json")
-    assert set(got) >= PREDICT_KEYS and got["method"] == "6N" and got["granularity"] is None
-    assert got["params"] * got["tokens"] * 6 == pytest.approx(1e21)
-    assert got["loss_ci"][0] <= got["loss"] <= got["loss_ci"][1]
-    assert main(["scaling", "predict", str(out / "fit.json"), "--budget", "1e21"]) == 0
-    assert "N* =" in capsys.readouterr().out
-
-
-def test_predict_fits_a_source_on_the_fly(capsys: pytest.CaptureFixture[str]) -> None:
-    got = run_json(
-        capsys, "scaling", "predict", str(FIXTURE), "--budget", "1e14", "--flops-per-token", "6N",
-        "--granularities", "1,2,4", "--resamples", "4", "--json",
-    )  # fmt: skip
-    assert set(got) >= PREDICT_KEYS and got["granularity"] == 4 and got["law"] == "krajewski"
 
 
 def _has_size_axis() -> bool:
