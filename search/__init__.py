@@ -8,6 +8,13 @@ Public API:
     run_search(search, RunConfig(run_dir, ...), evaluate=None) -> summary dict
         evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary; default real training
     report(run_dir, storage, study) -> (SearchSpec, trial records)
+
+Scaling laws (`moeforge scaling`):
+    load_runs(source, n_kind) -> Runs               a run dir, trials.json or CSV, one entry per seed
+    fit_law(runs, law_name=None, resamples=200) -> Fit   constants, 95% bootstrap intervals, RMSE, holdout
+    predict_optimum(fit, budget, granularities) -> Prediction   compute-optimal N, D, G and the loss
+    realize(search, base_params, size, granularity) -> ModelSpec   a trial's spec at another size and m
+    write_scaling_plots(runs, fit, out_dir, target=None) -> plot names (IsoFLOP, loss vs G, residuals, ...)
 """
 
 from __future__ import annotations
@@ -35,12 +42,46 @@ if TYPE_CHECKING:
         real_evaluator,
         run_worker,
     )
+    from ._scaling import (
+        LAWS,
+        Fit,
+        FitFailed,
+        Prediction,
+        Runs,
+        ScalingInputError,
+        fit_law,
+        load_fit,
+        load_runs,
+        predict_optimum,
+        realize,
+        runs_from_records,
+    )
+    from ._scaling_plots import write_scaling_plots
 
 # Names that need Optuna resolve on first use (PEP 562), so loading and validating a search spec
 # (`moeforge validate`) does not pay for importing it.
 _LAZY = {
     **dict.fromkeys(("RunConfig", "auto_workers", "report", "run_one_worker", "run_search"), "_driver"),
     **dict.fromkeys(("leaderboard", "trial_record", "trial_records", "write_results"), "_results"),
+    # numpy and scipy only: `moeforge scaling` on a CSV imports no Optuna
+    **dict.fromkeys(
+        (
+            "LAWS",
+            "Fit",
+            "FitFailed",
+            "Prediction",
+            "Runs",
+            "ScalingInputError",
+            "fit_law",
+            "load_fit",
+            "load_runs",
+            "predict_optimum",
+            "realize",
+            "runs_from_records",
+        ),
+        "_scaling",
+    ),
+    "write_scaling_plots": "_scaling_plots",
     **dict.fromkeys(
         (
             "Evaluate",
@@ -53,8 +94,11 @@ _LAZY = {
             "make_sampler",
             "open_storage",
             "open_study",
+            "predict_optimum",
+            "realize",
             "real_evaluator",
             "run_worker",
+            "runs_from_records",
         ),
         "_run",
     ),
@@ -75,7 +119,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "LAWS",
     "Evaluate",
+    "Fit",
+    "FitFailed",
+    "Prediction",
+    "Runs",
+    "ScalingInputError",
     "Infeasible",
     "RunConfig",
     "SearchSpec",
@@ -85,20 +135,26 @@ __all__ = [
     "constraint_values",
     "counted",
     "describe",
+    "fit_law",
     "auto_workers",
     "data_problem",
     "load_search_corpus",
     "grid_space",
     "leaderboard",
+    "load_fit",
+    "load_runs",
     "load_search",
     "make_sampler",
     "open_storage",
     "open_study",
+    "predict_optimum",
+    "realize",
     "real_evaluator",
     "report",
     "run_one_worker",
     "run_search",
     "run_worker",
+    "runs_from_records",
     "search_schema",
     "spec_key",
     "suggest",
@@ -106,4 +162,5 @@ __all__ = [
     "trial_records",
     "trial_to_spec",
     "write_results",
+    "write_scaling_plots",
 ]

@@ -706,7 +706,7 @@ def check_fittable(runs: Runs, law: Law) -> None:
         )
 
 
-def fit(
+def fit_law(
     runs: Runs, law_name: str | None = None, resamples: int = 200, seed: int = 0, holdout: bool = True
 ) -> Fit:
     """Fit a law to runs: constants, 95% bootstrap intervals, RMSE on the loss, and the
@@ -876,7 +876,7 @@ def optimum_6n(
     return math.exp(float(res.x)), float(res.fun)
 
 
-def predict(
+def predict_optimum(
     f: Fit,
     budget: float,
     granularities: Sequence[float] = (1, 2, 4, 8, 16),

@@ -148,7 +148,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def _fit_source(source: str, args: argparse.Namespace) -> tuple[Any, Any]:
-    from moeforge.search._scaling import ScalingInputError, fit, load_runs
+    from moeforge.search._scaling import ScalingInputError, fit_law, load_runs
 
     if args.resamples < 0:
         raise ScalingInputError("--resamples must be >= 0")
@@ -162,7 +162,7 @@ def _fit_source(source: str, args: argparse.Namespace) -> tuple[Any, Any]:
             f"loss: {shown}",
             file=sys.stderr,
         )
-    return runs, fit(runs, args.law, resamples=args.resamples, seed=args.seed)
+    return runs, fit_law(runs, args.law, resamples=args.resamples, seed=args.seed)
 
 
 def _write_out(out: Path, runs: Any, fit: Any, target: float | None) -> list[str]:
@@ -352,7 +352,7 @@ def _load_or_fit(args: argparse.Namespace) -> Any:
 
 
 def _predict(fit: Any, args: argparse.Namespace) -> Any:
-    from moeforge.search._scaling import ScalingInputError, predict
+    from moeforge.search._scaling import ScalingInputError, predict_optimum
 
     try:
         gs = [float(x) for x in args.granularities.split(",") if x.strip()]
@@ -369,7 +369,7 @@ def _predict(fit: Any, args: argparse.Namespace) -> Any:
             f"--spec needs a fit of a search's runs (a run dir or its fit.json); this fit is of {fit.source}, "
             "which has no search spec to realize"
         )
-    return predict(fit, args.budget, gs, args.flops_per_token)
+    return predict_optimum(fit, args.budget, gs, args.flops_per_token)
 
 
 def _write_spec(fit: Any, pred: Any, out: str) -> str:

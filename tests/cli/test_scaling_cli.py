@@ -113,7 +113,7 @@ def _has_size_axis() -> bool:
 def test_predict_spec_realizes_the_optimum(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from moeforge.compiler import account, load_spec
     from moeforge.search import load_search
-    from moeforge.search._scaling import fit, runs_from_records
+    from moeforge.search._scaling import fit_law, runs_from_records
 
     yaml = tmp_path / "ladder.yaml"
     yaml.write_text(
@@ -123,7 +123,7 @@ def test_predict_spec_realizes_the_optimum(capsys: pytest.CaptureFixture[str], t
     )
     search = load_search(yaml)
     runs = runs_from_records(json.loads(FIXTURE.read_text()), source=str(FIXTURE), search=search)
-    f = fit(runs, resamples=4, holdout=False)
+    f = fit_law(runs, resamples=4, holdout=False)
     (tmp_path / "fit.json").write_text(json.dumps(f.to_json()))
     out = tmp_path / "opt.yaml"
     got = run_json(

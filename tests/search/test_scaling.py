@@ -27,9 +27,9 @@ from moeforge.search._scaling import (
     Runs,
     ScalingInputError,
     closed_form_chinchilla,
-    fit,
+    fit_law,
     load_runs,
-    predict,
+    predict_optimum,
     runs_from_records,
 )
 
@@ -67,13 +67,13 @@ def synthetic(law: str, truth: dict, budgets: tuple, gs: tuple = (1,), sizes: in
 @pytest.fixture(scope="module")
 def chinchilla_fit() -> Fit:
     runs = synthetic("chinchilla", CHINCHILLA, (1e17, 3e17, 1e18, 3e18, 1e19))
-    return fit(runs, "chinchilla", resamples=100)
+    return fit_law(runs, "chinchilla", resamples=100)
 
 
 @pytest.fixture(scope="module")
 def krajewski_fit() -> Fit:
     runs = synthetic("krajewski", KRAJEWSKI, (1e18, 3e18, 1e19, 3e19, 1e20), gs=(1, 2, 4, 8), sizes=5)
-    return fit(runs, resamples=30)
+    return fit_law(runs, resamples=30)
 
 
 def test_chinchilla_constants_recovered(chinchilla_fit: Fit) -> None:
@@ -129,7 +129,7 @@ def test_predict_matches_the_closed_form_optimum() -> None:
         bootstrap={},
     )
     for budget in (1e18, 1e21, 1e24):
-        p = predict(exact, budget, flops_per_token="6N")
+        p = predict_optimum(exact, budget, flops_per_token="6N")
         n, d = closed_form_chinchilla(CHINCHILLA, budget)
         assert p.params == pytest.approx(n, rel=1e-4)
         assert p.tokens == pytest.approx(d, rel=1e-4)
@@ -137,7 +137,7 @@ def test_predict_matches_the_closed_form_optimum() -> None:
 
 
 def test_predict_from_a_fit_has_an_interval(chinchilla_fit: Fit) -> None:
-    p = predict(chinchilla_fit, 1e21, flops_per_token="6N")
+    p = predict_optimum(chinchilla_fit, 1e21, flops_per_token="6N")
     lo, hi = p.loss_ci
     assert lo < p.loss < hi
     true_loss = float(chinchilla_fit.predict_loss(p.params, p.tokens, constants=CHINCHILLA))
@@ -147,15 +147,15 @@ def test_predict_from_a_fit_has_an_interval(chinchilla_fit: Fit) -> None:
 
 
 def test_krajewski_prediction_prefers_the_finest_g_under_6n(krajewski_fit: Fit) -> None:
-    p = predict(krajewski_fit, 1e21, granularities=(1, 4, 16), flops_per_token="6N")
+    p = predict_optimum(krajewski_fit, 1e21, granularities=(1, 4, 16), flops_per_token="6N")
     assert p.granularity == 16 and [c["granularity"] for c in p.candidates] == [1, 4, 16]
     assert any("finer experts cost nothing" in n for n in p.notes)
 
 
 def test_bootstrap_is_reproducible() -> None:
     runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18), sizes=5)
-    a = fit(runs, "chinchilla", resamples=5, seed=3, holdout=False)
-    b = fit(runs, "chinchilla", resamples=5, seed=3, holdout=False)
+    a = fit_law(runs, "chinchilla", resamples=5, seed=3, holdout=False)
+    b = fit_law(runs, "chinchilla", resamples=5, seed=3, holdout=False)
     assert a.ci == b.ci and a.samples == b.samples
 
 
@@ -218,23 +218,23 @@ def test_csv_problems_name_file_line_and_column(tmp_path: Path) -> None:
 def test_too_few_runs_and_missing_g_are_refused() -> None:
     runs = synthetic("chinchilla", CHINCHILLA, (1e18,), sizes=4)
     with pytest.raises(ScalingInputError, match=r"chinchilla has 5 constants but the data have 4 runs"):
-        fit(runs, "chinchilla")
+        fit_law(runs, "chinchilla")
     runs.g[:] = math.nan
     with pytest.raises(ScalingInputError, match=r"krajewski needs the granularity G"):
-        fit(runs, "krajewski")
+        fit_law(runs, "krajewski")
 
 
 def test_a_fit_that_never_converges_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(LBFGSB_OPTIONS, "maxiter", 1)
     runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18), sizes=4)
     with pytest.raises(FitFailed, match=r"did not converge from any of 16 starting points"):
-        fit(runs, "chinchilla", resamples=0)
+        fit_law(runs, "chinchilla", resamples=0)
 
 
 def test_fit_json_round_trips(chinchilla_fit: Fit) -> None:
     back = Fit.from_json(json.loads(json.dumps(chinchilla_fit.to_json())))
     assert back.constants == chinchilla_fit.constants and back.samples == chinchilla_fit.samples
     assert (
-        predict(back, 1e20, flops_per_token="6N").loss
-        == predict(chinchilla_fit, 1e20, flops_per_token="6N").loss
+        predict_optimum(back, 1e20, flops_per_token="6N").loss
+        == predict_optimum(chinchilla_fit, 1e20, flops_per_token="6N").loss
     )
