@@ -939,42 +939,23 @@ def predict_optimum(
 def realize(
     search: SearchSpec, base_params: dict[str, Any], size: float, granularity: float | None
 ) -> ModelSpec:
-    """The model spec of `base_params` (a trial's) at scale factor `size` (of the base spec's activated
-    non-embedding parameters, the search's `size` axis) and segmentation m = `granularity`.
+    """The model spec of `base_params` (a trial's) at scale factor `size` of the base spec's activated
+    non-embedding parameters (the search's `size` axis, see SizeAxis) and segmentation m = `granularity`
+    (None keeps the trial's). Expert widths stay divisible by every m of the space and `granularity`.
 
     Raises:
-        Infeasible: no valid spec (a size no shape reaches, an m the expert widths cannot split into).
-        ScalingInputError: this search spec has no size axis to scale with.
+        Infeasible: no valid spec (an mla base, an m the expert widths cannot split into).
     """
     from ._space import trial_to_spec
+    from ._spec import SizeAxis
 
-    fields = type(search.space).model_fields
-    if "size" not in fields:
-        raise ScalingInputError(
-            "this moeforge's search has no size axis, so specs cannot be scaled; use --flops-per-token 6N"
-        )
-    params = dict(base_params)
-    space_update: dict[str, Any] = {}
-    size_axis = search.space.size  # type: ignore[attr-defined]
-    axis_type = fields["size"].annotation
-    from . import _spec
-
-    sa = getattr(_spec, "SizeAxis", None)
-    if sa is None:  # pragma: no cover - guarded by the field check above
-        raise ScalingInputError(f"cannot build a size axis ({axis_type})")
-    # Tolerance 1: any shape is fine here, since its parameters and FLOPs are counted exactly after.
-    space_update["size"] = (
-        sa(factors=(float(size),), tolerance=1.0)
-        if size_axis is None
-        else size_axis.model_copy(update={"tolerance": 1.0})
-    )
-    params["size"] = float(size)
+    params = {**base_params, "size": float(size)}
+    # Tolerance 1: any shape that comes close will do, since its parameters and FLOPs are counted exactly.
+    update: dict[str, Any] = {"size": SizeAxis(factors=(float(size),), tolerance=1.0)}
     if granularity is not None:
         params["m"] = int(granularity)
-        gr = tuple(sorted({*(search.space.granularity or ()), int(granularity)}))
-        space_update["granularity"] = gr
-    s = search.model_copy(update={"space": search.space.model_copy(update=space_update)})
-    return trial_to_spec(s, params)
+        update["granularity"] = tuple(sorted({*(search.space.granularity or ()), int(granularity)}))
+    return trial_to_spec(search.model_copy(update={"space": search.space.model_copy(update=update)}), params)
 
 
 def _predict_accounting(
