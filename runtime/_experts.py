@@ -23,12 +23,18 @@ backward is one gather, so no [N, D] buffer in pair order is made. How "every ex
 * ``fused_loop``: a Python loop over experts inside one autograd Function (`_FusedExperts`): each expert
   gathers its rows, runs gate and up as one matmul, the activation and gate, the down matmul, and adds into
   the output while its ~0.5 MB of temporaries are in cache; backward regathers and recomputes per expert.
-  No [N, D] buffer and no extra pass over [N, F] in either direction. Fastest eager path on CPU, where a
-  kernel launch costs nothing; one host sync per step (the counts).
+  No [N, D] buffer and no extra pass over [N, F] in either direction. Fastest eager path on CPU at one
+  thread, where a kernel launch costs nothing; one host sync per layer per step (the counts).
 * ``loop``: `forward_loop`, the plain per-expert loop: obviously right, slow, and the test oracle.
-* ``auto``: ``fused_loop`` on CPU in eager mode; otherwise ``grouped_mm`` where a tiny probe (once per
-  device type and dtype) shows it works forward and backward, else ``padded_bmm`` (and ``padded_bmm``
-  when torch.compile traces a non-bf16 CPU model).
+* ``auto``: on CPU in eager mode ``fused_loop`` at one thread and ``grouped_mm`` at more (`cpu_eager_dispatch`,
+  measured); otherwise ``grouped_mm`` where a tiny probe (once per device type and dtype) shows it right
+  forward and backward, empty groups included, else ``padded_bmm`` (and ``padded_bmm`` when torch.compile
+  traces a non-bf16 CPU model).
+
+Host syncs: none per layer for ``grouped_mm`` (offsets stay on the device); one for ``fused_loop`` and
+``padded_bmm`` (the kept counts size the loop or the buffer) and for any fast path with a capacity (it sizes
+the kept pairs); counts use no ``torch.bincount`` (which syncs on CUDA). tests/runtime/test_syncs.py counts
+them.
 
 Optional capacity (GShard / Switch Transformer baselines): each expert keeps its first
 ceil(capacity_factor * T * K / E) pairs in token order; the rest contribute 0.
@@ -136,6 +142,21 @@ def grouped_mm_errors(device: torch.device, dtype: torch.dtype, seed: int = 0) -
     return res
 
 
+def cpu_eager_dispatch(dtype: torch.dtype = torch.float32, threads: int | None = None) -> str:
+    """What ``auto`` runs on the CPU in eager mode at `threads` intra-op threads (default: torch's current).
+
+    Measured side by side (README, Performance; ``python -m benchmarks.moe_layer --dispatch ...``): at one
+    thread ``fused_loop`` is fastest (each expert's work stays in cache, and a call costs no launch); at two
+    and more each of its ~10 calls per expert is a parallel region too small to split well, and
+    ``grouped_mm`` (a third fewer calls, each over more rows) wins. Read per forward, not at build time:
+    the thread count may change after the model is built (the trainer and benchmarks set it).
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads > 1 and grouped_mm_supported(torch.device("cpu"), dtype):
+        return "grouped_mm"
+    return "fused_loop"
+
+
 def _act(name: str):
     return {"gelu": F.gelu, "relu": F.relu}[name]
 
@@ -229,7 +250,7 @@ class Experts(nn.Module):
             if device.type == "cpu" and dtype != torch.bfloat16:
                 return "padded_bmm"  # inductor lowers _grouped_mm on CPU for bf16 only
         elif device.type == "cpu":
-            return "fused_loop"  # eager CPU: cache-sized per-expert work beats one pass per op over [N, *]
+            return cpu_eager_dispatch(dtype)
         return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
 
     def forward(

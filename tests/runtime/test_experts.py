@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moeforge.runtime._experts import Experts, grouped_mm_supported
+from moeforge.runtime._experts import Experts, cpu_eager_dispatch, grouped_mm_supported
 
 CPU = torch.device("cpu")
 FAST = [
@@ -218,7 +218,17 @@ def test_cpu_autocast_bf16_fused_loop_close_to_fp32():
 
 def test_auto_and_bad_dispatch():
     m = Experts(8, 8, 4)
-    assert m.resolved_dispatch(CPU, torch.float32) == "fused_loop"  # eager CPU
+    many = "grouped_mm" if grouped_mm_supported(CPU, torch.float32) else "fused_loop"
+    prev = torch.get_num_threads()
+    try:  # eager CPU: by the thread count it runs with (measured: README, Performance)
+        torch.set_num_threads(1)
+        assert m.resolved_dispatch(CPU, torch.float32) == "fused_loop"
+        torch.set_num_threads(2)
+        assert m.resolved_dispatch(CPU, torch.float32) == many
+    finally:
+        torch.set_num_threads(prev)
+    assert cpu_eager_dispatch(torch.float32, threads=1) == "fused_loop"
+    assert cpu_eager_dispatch(torch.float32, threads=4) == many
     assert (
         m.resolved_dispatch(torch.device("meta"), torch.float32) == "padded_bmm"
     )  # no _grouped_mm probe there
