@@ -103,13 +103,6 @@ def test_fit_table_marks_ties_and_published_values(capsys: pytest.CaptureFixture
     assert "RMSE" in out and "holdout: fitted without the 1e+12 budget" in out
 
 
-def _has_size_axis() -> bool:
-    from moeforge.search import SearchSpec
-
-    return "size" in SearchSpec.model_fields["space"].annotation.model_fields
-
-
-@pytest.mark.skipif(not _has_size_axis(), reason="the search's size axis has not landed")
 def test_predict_spec_realizes_the_optimum(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from moeforge.compiler import account, load_spec
     from moeforge.search import load_search

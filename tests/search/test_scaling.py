@@ -238,3 +238,33 @@ def test_fit_json_round_trips(chinchilla_fit: Fit) -> None:
         predict_optimum(back, 1e20, flops_per_token="6N").loss
         == predict_optimum(chinchilla_fit, 1e20, flops_per_token="6N").loss
     )
+
+
+def test_public_names_resolve_lazily() -> None:
+    import moeforge.search as search
+
+    for name in (
+        "LAWS",
+        "Fit",
+        "Runs",
+        "fit_law",
+        "load_runs",
+        "predict_optimum",
+        "realize",
+        "write_scaling_plots",
+    ):
+        assert getattr(search, name) is not None and name in search.__all__
+
+
+def test_realize_scales_the_best_trial_and_sets_m() -> None:
+    from moeforge.compiler import account
+    from moeforge.search import load_search, realize
+
+    search = load_search("scaling")  # the shipped study: debug base, size and granularity axes
+    base = {"m": 2, "size": 1.0, "budget": 4.5e11}
+    n1 = account(realize(search, base, 1.0, None)).params_activated_non_embedding
+    for size, m in ((0.25, 1), (3.0, 4), (10.0, 16)):
+        spec = realize(search, base, size, m)
+        n = account(spec).params_activated_non_embedding
+        assert spec.moe_derived is not None and spec.moe_derived.m == m
+        assert n / n1 == pytest.approx(size, rel=0.35)  # realizable shapes are discrete
