@@ -193,7 +193,10 @@ def load_weights(path: Path, model: nn.Module) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model`'s parameters are DTensors (FSDP2's fully_shard)."""
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 has no public DTensor, nor the FSDP2 the trainer uses
+        return False
 
     return any(isinstance(p, DTensor) for p in model.parameters())
 

@@ -422,6 +422,12 @@ class _StepTimer:
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+def _parameters_of(fn: Callable) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
 class Trainer:
     """One training run. `run()` evaluates, then loops over `train_step()` (which calls
     `forward_backward_step()` per micro-batch), logging, evaluating and checkpointing on their schedules.
@@ -554,13 +560,24 @@ class Trainer:
             return self.model
         cuda = self.device.type == "cuda"
         if self.cfg.parallel == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-            return DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if cuda else None, forward_sync_buffers=False
+            # routing counts are per-rank buffers (all-reduced where used): never broadcast from rank 0
+            no_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in _parameters_of(DDP)
+                else {"broadcast_buffers": False}  # torch < 2.13
             )
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+            return DDP(self.model, device_ids=[self.device.index] if cuda else None, **no_sync)
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            fully_shard = None
+        if fully_shard is None or "ignored_params" not in _parameters_of(fully_shard):
+            raise ValueError(
+                f"parallel: fsdp needs torch.distributed.fsdp.fully_shard with ignored_params (torch 2.7 or "
+                f"later; this is {torch.__version__}); use ddp"
+            )
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if cuda

@@ -1,14 +1,12 @@
 """One process of a test run: `torchrun ... tests/runtime/dist_worker.py '<json>'`, or `run(options)` in-process.
 
 Trains the debug spec with `moeforge.runtime.train` (which joins torchrun's process group itself) and, when
-`stop_at` is given, stops the run at that evaluation point as a crash would (after a checkpoint every step);
-with `fail_rank`, that rank raises at the first evaluation point after training started.
+`stop_at` is given, stops the run at that evaluation point as a crash would (after a checkpoint every step).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -38,8 +36,6 @@ def run(o: dict) -> dict | None:
     def on_eval(frac: float, _metrics: dict) -> None:
         if o.get("stop_at") is not None and frac >= o["stop_at"]:
             raise Stop
-        if o.get("fail_rank") is not None and int(os.environ.get("RANK", "0")) == o["fail_rank"]:
-            raise RuntimeError(f"rank {o['fail_rank']} fails on purpose")  # the others are in a collective
 
     try:
         return train(

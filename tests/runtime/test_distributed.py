@@ -2,9 +2,11 @@
 across world sizes, and a process that dies stops the whole run.
 
 Each test starts torchrun in a subprocess (`--standalone` picks a free port); the debug model keeps each
-under ~15 s on 2 cores. Measured agreement with the one-process run on the same global batch (fp32, 6 steps):
-DDP's per-step losses and weights bitwise equal or within 1e-7, FSDP2's within 1e-6 (sharded reductions sum
-in another order); the tolerances below leave an order of magnitude.
+under ~25 s on 2 busy cores. Measured against the one-process run on the same global batch (fp32, 6 steps):
+DDP's per-step losses and final weights are bitwise equal (selection biases included, whose counts are
+all-reduced); FSDP2's losses are equal and its weights within 6e-8 (its reduce-scatter sums in another
+order). The tolerances, 1e-6, leave an order of magnitude and still catch a rank that updates its selection
+biases from its own counts only (2e-5 off in the loss).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from moeforge.cli import main
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(dist_worker.__file__)
-LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 1e-5
+LOSS_RTOL = 1e-6
+WEIGHT_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -84,19 +86,39 @@ def _assert_same(a: Path, b: Path) -> tuple[float, float]:
     return loss_diff, weight_diff
 
 
+BIAS = ["moe.gate.score=sigmoid", "moe.gate.selection_bias=true", "moe.gate.bias_update_speed=0.01"]
+
+
 @pytest.fixture(scope="module")
-def one_process(env, tmp_path_factory) -> Path:
-    """The reference: 6 steps of a global batch of 8 on one process, micro-batches of 4 (a rank's share)."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    dist_worker.run({"out": str(out)})
-    return out
+def references(env, tmp_path_factory) -> dict:
+    """One-process runs, made once each: 6 steps of a global batch of 8 in micro-batches of 4 (a rank's
+    share on 2 processes), keyed by their spec overrides."""
+    runs: dict[tuple, Path] = {}
+
+    def reference(overrides: tuple = ()) -> Path:
+        if overrides not in runs:
+            runs[overrides] = tmp_path_factory.mktemp("one") / "run"
+            dist_worker.run({"out": str(runs[overrides]), "set": list(overrides)})
+        return runs[overrides]
+
+    return reference
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_what_one_does(env, one_process, tmp_path, parallel):
+@pytest.fixture(scope="module")
+def one_process(references) -> Path:
+    return references()
+
+
+@pytest.mark.parametrize(
+    ("parallel", "overrides"),
+    # DDP with DeepSeek-V3's selection biases: their sign rule must see every rank's routing counts
+    [("ddp", BIAS), ("fsdp", [])],
+    ids=["ddp-selection-bias", "fsdp"],
+)
+def test_two_processes_train_what_one_does(env, references, tmp_path, parallel, overrides):
     out = tmp_path / parallel
-    _worker(env, 2, out=str(out), parallel=parallel)
-    _assert_same(one_process, out)
+    _worker(env, 2, out=str(out), parallel=parallel, set=overrides)
+    _assert_same(references(tuple(overrides)), out)
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
 
 
@@ -108,14 +130,6 @@ def test_resume_across_world_sizes(env, one_process, tmp_path, first, second, pa
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     _worker(env, second, out=str(out), parallel=parallel, resume=True)
     _assert_same(one_process, out)
-
-
-def test_a_failing_rank_stops_every_rank(env, tmp_path):
-    t0 = time.monotonic()
-    r = _torchrun(env, str(WORKER), json.dumps({"out": str(tmp_path / "run"), "fail_rank": 1}), timeout=90)
-    assert r.returncode != 0
-    assert "rank 1 fails on purpose" in r.stderr
-    assert time.monotonic() - t0 < 60
 
 
 def _children(pid: int) -> list[int]:
