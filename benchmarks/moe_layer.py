@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -62,15 +63,18 @@ def _hf_moe(moe: MoE, dim: int, hidden: int, n_routed: int, n_shared: int, top_k
     return hf
 
 
-def _step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, up: torch.Tensor) -> float:
+def _step(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, up: torch.Tensor
+) -> tuple[float, float]:
+    """Wall and process CPU seconds of one forward+backward."""
     x.grad = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(x)
     if isinstance(out, tuple):  # ours: (out, aux); the balance loss takes part in backward
         torch.autograd.backward([out[0], out[1]], [up, torch.ones_like(out[1])])
     else:
         out.backward(up)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run(
@@ -115,18 +119,28 @@ def run(
         variants[f"moe:{d}"] = other
 
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    load_before = os.getloadavg()[0]
     for r in range(warmup + repeats):
         for name, fn in variants.items():
             for m in variants.values():
                 m.zero_grad(set_to_none=True)
-            dt = _step(fn, x, up)
+            dt, dc = _step(fn, x, up)
             if r >= warmup:
                 times[name].append(dt)
+                cpu[name].append(dc)
     ms = {k: 1e3 * statistics.median(t) for k, t in times.items()}
+    cpu_ms = {k: 1e3 * statistics.median(t) for k, t in cpu.items()}
     return {
         "moe_over_dense": ms["moe"] / ms["dense"],
         "hf_over_moe": ms["hf"] / ms["moe"] if "hf" in ms else None,
+        "over_dense": {k: t / ms["dense"] for k, t in ms.items()},
         "median_ms": ms,
+        # process CPU time: at one thread it is what the step cost whatever else the machine runs (other
+        # processes stretch wall time, not CPU time); at more threads it also counts their waiting
+        "median_cpu_ms": cpu_ms,
+        "moe_over_dense_cpu": cpu_ms["moe"] / cpu_ms["dense"],
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
         "all_ms": {k: [round(1e3 * t, 3) for t in ts] for k, ts in times.items()},
         "shape": {
             "dim": dim,
@@ -187,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k:<15} {t:9.1f} ms  {spread:<20} {t / moe_ms:6.3f}x moe", file=table)
     hf_ratio = f"{res['hf_over_moe']:.3f}" if res["hf_over_moe"] is not None else "n/a"
     print(f"  moe_over_dense {res['moe_over_dense']:.3f}   hf_over_moe {hf_ratio}", file=table)
+    load = ", ".join(f"{v:.2f}" for v in res["load_avg_1min"])
+    print(f"  by CPU time: moe_over_dense {res['moe_over_dense_cpu']:.3f}; load average {load}", file=table)
     if a.json:
         print(json.dumps(res, indent=2))
     return res
