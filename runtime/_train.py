@@ -566,7 +566,7 @@ class Trainer:
             no_sync = (
                 {"forward_sync_buffers": False}
                 if "forward_sync_buffers" in _parameters_of(DDP)
-                else {"broadcast_buffers": False}  # torch < 2.13
+                else {"broadcast_buffers": False}  # older torch
             )
             return DDP(self.model, device_ids=[self.device.index] if cuda else None, **no_sync)
         try:
