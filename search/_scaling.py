@@ -456,9 +456,7 @@ def load_runs(source: str | Path, n_kind: str = "activated_non_embedding") -> Ru
         records = None
         if (path / "run.json").is_file():
             try:
-                from ._driver import report
-
-                search, records = report(path, None, None, plots=False)
+                search, records = _read_study(path)
             except Exception as e:  # noqa: BLE001 - the study is optional; trials.json may still be there
                 if not (path / "trials.json").is_file():
                     raise ScalingInputError(f"{path}: cannot read the study: {e}") from None
@@ -472,6 +470,19 @@ def load_runs(source: str | Path, n_kind: str = "activated_non_embedding") -> Ru
     if path.suffix.lower() == ".csv":
         return runs_from_csv(path, n_kind)
     return runs_from_records(_read_json_records(path), n_kind, str(path))
+
+
+def _read_study(run_dir: Path) -> tuple[SearchSpec, list[dict[str, Any]]]:
+    """A run dir's search spec and trial records, read from its study as `report` does, without rewriting
+    the run dir's results (a fit reads a search; it never changes it)."""
+    from ._driver import report
+    from ._run import is_rdb
+
+    info = json.loads((run_dir / "run.json").read_text())
+    storage = info["storage"]
+    if not is_rdb(storage) and not Path(storage).is_absolute():
+        storage = str(run_dir / storage)
+    return report(None, storage, info["study"], plots=False)
 
 
 def _read_json_records(path: Path) -> list[dict[str, Any]]:
@@ -494,6 +505,7 @@ LBFGSB_OPTIONS: dict[str, Any] = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10}
 """Tight tolerances: with scipy's defaults a bootstrap fit started at the full fit's optimum stops at once
 on the nearly flat (L1-like) Huber loss, and the intervals come out far too narrow."""
 TOP_STARTS = 16
+BOOTSTRAP_STARTS = 3
 """L-BFGS-B runs from this many grid points, those with the lowest objective (the grid is evaluated in
 one vectorized pass; running the optimizer from all of Hoffmann et al.'s 4500 starts adds nothing here)."""
 
@@ -528,10 +540,10 @@ def _objective(law: Law, data: _Data, w: Array) -> Callable[[Array], tuple[float
     return f
 
 
-def _minimize(law: Law, data: _Data, w: Array, starts: Array) -> tuple[Array, float] | None:
-    """The best L-BFGS-B optimum over `starts`; None when no start converged to a finite objective."""
+def _minimize(law: Law, data: _Data, w: Array, starts: Array) -> list[tuple[Array, float]]:
+    """The L-BFGS-B optimum from each start that converged to a finite objective, best first."""
     f = _objective(law, data, w)
-    best: tuple[Array, float] | None = None
+    found: list[tuple[Array, float]] = []
     bounds = law.bounds()
     for x0 in starts:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -539,11 +551,20 @@ def _minimize(law: Law, data: _Data, w: Array, starts: Array) -> tuple[Array, fl
             res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=LBFGSB_OPTIONS)
         # Status 2 is a line search that found no decrease: at a kink of the (nearly L1) Huber loss, a
         # minimum. Status 1 (out of iterations) and non-finite values are not converged.
-        if res.status not in (0, 2) or not math.isfinite(res.fun):
-            continue
-        if best is None or res.fun < best[1]:
-            best = (res.x, float(res.fun))
-    return best
+        if res.status in (0, 2) and math.isfinite(res.fun):
+            found.append((res.x, float(res.fun)))
+    return sorted(found, key=lambda o: o[1])
+
+
+def _distinct(optima: list[tuple[Array, float]], k: int) -> Array:
+    """Up to k optima (best first) that differ from each other (by more than 0.01 in some entry)."""
+    out: list[Array] = []
+    for x, _ in optima:
+        if all(np.max(np.abs(x - y)) > 1e-2 for y in out):
+            out.append(x)
+        if len(out) == k:
+            break
+    return np.array(out)
 
 
 def _one_blas_thread() -> Any:
@@ -570,17 +591,23 @@ def fit_theta(law: Law, runs: Runs, w: Array | None = None, starts: Array | None
     Raises:
         FitFailed: no start converged.
     """
+    return _optima(law, runs, w, starts)[0][0]
+
+
+def _optima(
+    law: Law, runs: Runs, w: Array | None = None, starts: Array | None = None
+) -> list[tuple[Array, float]]:
     data = _data(runs, law)
     w = np.ones(len(runs)) if w is None else w
     starts = _grid_starts(law, data, w) if starts is None else starts
     with _one_blas_thread():
-        best = _minimize(law, data, w, starts)
-    if best is None:
+        found = _minimize(law, data, w, starts)
+    if not found:
         raise FitFailed(
             f"the {law.name} fit did not converge from any of {len(starts)} starting points "
             f"({len(runs)} runs); more budgets or sizes may pin it down"
         )
-    return best[0]
+    return found
 
 
 @dataclass
@@ -606,6 +633,8 @@ class Fit:
     best_params: dict[str, Any] | None = None
     """The best trial's params at the largest budget (the base `predict` scales)."""
     holdout_note: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    """Constants the runs do not determine (at a bound of the search, or an interval of zero width)."""
 
     @property
     def law_obj(self) -> Law:
@@ -641,6 +670,7 @@ class Fit:
             out["published"] = {"values": law.published, "reference": law.reference}
         if self.holdout_note:
             out["holdout_note"] = self.holdout_note
+        out["warnings"] = self.warnings
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -673,6 +703,7 @@ class Fit:
             search=data.get("search"),
             best_params=data.get("best_params"),
             holdout_note=data.get("holdout_note"),
+            warnings=data.get("warnings", []),
         )
 
     def search_spec(self) -> SearchSpec | None:
@@ -736,21 +767,25 @@ def fit_law(
 
 def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
     name = law.name
-    theta = fit_theta(law, runs)
+    optima = _optima(law, runs)
+    theta = optima[0][0]
     constants = law.to_constants(theta)
     data = _data(runs, law)
     pred = np.exp(law.fn(theta, data.log_n, data.log_d, data.log_g))
     rmse = float(np.sqrt(np.mean((pred - runs.loss) ** 2)))
 
     # Bootstrap: draw configurations with replacement; a configuration drawn k times weighs k on each seed.
+    # Each resample starts from the full fit's optimum and from up to two other optima the grid found: from
+    # the optimum alone, a resample cannot leave a flat direction (a constant the runs do not pin down).
     rng = np.random.default_rng(seed)
     n_groups = int(runs.group.max()) + 1
+    boot_starts = _distinct(optima, BOOTSTRAP_STARTS)
     samples: list[dict[str, float]] = []
     for _ in range(resamples):
         counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
-        best = _minimize(law, data, counts[runs.group].astype(float), theta[None])
-        if best is not None:
-            samples.append(law.to_constants(best[0]))
+        found = _minimize(law, data, counts[runs.group].astype(float), boot_starts)
+        if found:
+            samples.append(law.to_constants(found[0][0]))
     ci = {
         c: [
             float(np.percentile([s[c] for s in samples], 2.5)),
@@ -784,6 +819,7 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
         note = "no holdout: one budget"
 
     return Fit(
+        warnings=_undetermined(law, theta, ci, len(samples)),
         law=name,
         constants=constants,
         ci=ci,
@@ -801,6 +837,23 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
         best_params=best_params(runs),
         holdout_note=note,
     )
+
+
+def _undetermined(law: Law, theta: Array, ci: dict[str, list[float]], n_samples: int) -> list[str]:
+    """Constants the runs leave undetermined: at a bound of the optimizer's box, or (with 10 or more
+    bootstrap fits) an interval of zero width, where no resample moved them."""
+    out = []
+    for name, t, (lo, hi) in zip(law.constants, theta, law.bounds(), strict=True):
+        a, b = ci[name]
+        if min(t - lo, hi - t) < 1e-6:
+            out.append(
+                f"{name} is at the bound of its search ({law.to_constants(theta)[name]:.3g}): the runs do not determine it"
+            )
+        elif n_samples >= 10 and math.isfinite(a) and b - a <= 1e-6 * max(abs(b), 1e-12):
+            out.append(
+                f"{name}: no bootstrap fit moved it, so its interval says nothing: the runs do not determine it"
+            )
+    return out
 
 
 def best_params(runs: Runs) -> dict[str, Any] | None:

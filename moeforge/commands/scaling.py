@@ -271,6 +271,8 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
             "only the exponents compare",
             highlight=False,
         )
+    for w in fit.warnings:
+        con.print(f"  warning: {w}", highlight=False)
     con.print(f"  RMSE of the fitted loss: {fit.rmse:.4g}", highlight=False)
     if fit.holdout:
         h = fit.holdout

@@ -85,6 +85,7 @@ def test_chinchilla_constants_recovered(chinchilla_fit: Fit) -> None:
     assert c["A"] == pytest.approx(CHINCHILLA["A"], rel=0.25)
     assert c["B"] == pytest.approx(CHINCHILLA["B"], rel=0.25)
     assert chinchilla_fit.rmse < 0.02  # 0.5% noise on losses of 2.3-3.5
+    assert chinchilla_fit.warnings == []
 
 
 def test_chinchilla_intervals_hold_the_truth(chinchilla_fit: Fit) -> None:
@@ -104,6 +105,7 @@ def test_holdout_of_the_largest_budget_is_small(chinchilla_fit: Fit) -> None:
 def test_krajewski_constants_recovered(krajewski_fit: Fit) -> None:
     c = krajewski_fit.constants
     assert krajewski_fit.law == "krajewski"  # the default with 4 granularities
+    assert krajewski_fit.warnings == []
     assert c["alpha"] == pytest.approx(KRAJEWSKI["alpha"], abs=0.01)
     assert c["beta"] == pytest.approx(KRAJEWSKI["beta"], abs=0.01)
     assert c["gamma"] == pytest.approx(KRAJEWSKI["gamma"], abs=0.15)
@@ -222,6 +224,13 @@ def test_too_few_runs_and_missing_g_are_refused() -> None:
     runs.g[:] = math.nan
     with pytest.raises(ScalingInputError, match=r"krajewski needs the granularity G"):
         fit_law(runs, "krajewski")
+
+
+def test_constants_the_runs_do_not_determine_are_named() -> None:
+    runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18, 1e19), sizes=4)
+    runs.loss[:] = 2.0 * np.exp(0.005 * np.random.default_rng(0).standard_normal(len(runs)))  # flat: no law
+    f = fit_law(runs, "chinchilla", resamples=10, holdout=False)
+    assert f.warnings and all("the runs do not determine it" in w for w in f.warnings)
 
 
 def test_a_fit_that_never_converges_fails(monkeypatch: pytest.MonkeyPatch) -> None:
