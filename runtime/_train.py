@@ -478,6 +478,7 @@ class Trainer:
         self.st.segments.append(self.plan.total_tokens)
         self.wall_before = self.st.wall_s
         self.train_s_before = self.st.train_s
+        self.tokens_before = self.st.tokens
         self.clock = self.wall_before  # rank 0's wall time, agreed at the top of each step
         self.val_batches = corpus.val_batches(self.plan.micro, seq_len, cfg.eval_tokens)
         self.n_evals = max(cfg.eval_points, 1)
@@ -795,10 +796,10 @@ class Trainer:
         w["ce"] += ce
         w["aux"] += aux
         w["tokens"] += step_tokens
-        elapsed = time.perf_counter() - self.t_start
+        elapsed = time.perf_counter() - self.t_start  # this segment's; no wait for the GPU
         self.bar.update(
             st.tokens if self.plan.total_tokens is not None else self.wall(),
-            f"step {st.step}  loss {ce + aux:.4f}  {_fmt(st.tokens / max(elapsed, 1e-9))} tok/s",
+            f"step {st.step}  loss {ce + aux:.4f}  {_fmt((st.tokens - self.tokens_before) / max(elapsed, 1e-9))} tok/s",
         )
         if not (st.step % self.cfg.log_every == 0 or done):
             return
