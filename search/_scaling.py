@@ -633,6 +633,8 @@ class Fit:
     best_params: dict[str, Any] | None = None
     """The best trial's params at the largest budget (the base `predict` scales)."""
     holdout_note: str | None = None
+    n_range: list[float] = field(default_factory=list)
+    """The smallest and largest N of the runs (predictions outside it extrapolate in N)."""
     warnings: list[str] = field(default_factory=list)
     """Constants the runs do not determine (at a bound of the search, or an interval of zero width)."""
 
@@ -671,6 +673,7 @@ class Fit:
         if self.holdout_note:
             out["holdout_note"] = self.holdout_note
         out["warnings"] = self.warnings
+        out["n_range"] = self.n_range
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -704,6 +707,7 @@ class Fit:
             best_params=data.get("best_params"),
             holdout_note=data.get("holdout_note"),
             warnings=data.get("warnings", []),
+            n_range=data.get("n_range", []),
         )
 
     def search_spec(self) -> SearchSpec | None:
@@ -820,6 +824,7 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
 
     return Fit(
         warnings=_undetermined(law, theta, ci, len(samples)),
+        n_range=[float(runs.n.min()), float(runs.n.max())],
         law=name,
         constants=constants,
         ci=ci,
@@ -916,15 +921,21 @@ def _loss_ci(f: Fit, n: float, d: float, g: float | None) -> list[float]:
 
 
 def optimum_6n(
-    f: Fit, budget: float, g: float | None = None, constants: dict[str, float] | None = None
+    f: Fit,
+    budget: float,
+    g: float | None = None,
+    constants: dict[str, float] | None = None,
+    flops_per_token: tuple[float, float] = (6.0, 1.0),
 ) -> tuple[float, float]:
-    """(N*, loss) minimising the law at D = C / (6 N), by Brent's method on log N."""
+    """(N*, loss) minimising the law at D = C / (k N^s), (k, s) = `flops_per_token` (6N by default), by
+    Brent's method on log N."""
+    k, s = flops_per_token
 
     def loss(u: float) -> float:
         n = math.exp(u)
-        return float(f.predict_loss(n, budget / (6 * n), g, constants))
+        return float(f.predict_loss(n, budget / (k * n**s), g, constants))
 
-    hi = math.log(budget / 60)  # at least 10 tokens
+    hi = math.log((budget / (10 * k)) ** (1 / s))  # at least 10 tokens
     res = minimize_scalar(loss, bounds=(math.log(10.0), hi), method="bounded", options={"xatol": 1e-10})
     return math.exp(float(res.x)), float(res.fun)
 
@@ -962,7 +973,21 @@ def predict_optimum(
     use_accounting = flops_per_token != "6N" and search is not None and base_params is not None
     if use_accounting:
         assert search is not None and base_params is not None
-        return _predict_accounting(f, budget, gs, search, base_params)
+        return _range_note(f, _predict_accounting(f, budget, gs, search, base_params))
+    return _range_note(f, _predict_6n(f, budget, gs))
+
+
+def _range_note(f: Fit, p: Prediction) -> Prediction:
+    if f.n_range and not f.n_range[0] / 2 <= p.params <= 2 * f.n_range[1]:
+        lo, hi = f.n_range
+        p.notes.append(
+            f"N* = {p.params:.3g} is far outside the N the law was fitted on ({lo:.3g} to {hi:.3g})"
+        )
+    return p
+
+
+def _predict_6n(f: Fit, budget: float, gs: Sequence[float | None]) -> Prediction:
+    law = f.law_obj
     notes = []
     if f.n_kind not in ("activated_non_embedding", "activated"):
         notes.append(f"6N treats N ({f.n_kind} parameters) as the parameters each token uses")
@@ -1031,7 +1056,8 @@ def _predict_accounting(
         # Center the scan on the continuous 6N optimum (in base-size factors); realizable sizes are discrete.
         n6, _ = optimum_6n(f, budget, g)
         center = n6 / n_base
-        factors = center * np.exp(np.linspace(-2.5, 2.5, 41))
+        # ... plus a fixed 1/16x-64x grid, for when the law's optimum lies where no shape is realizable.
+        factors = np.concatenate([center * np.exp(np.linspace(-2.5, 2.5, 41)), np.geomspace(1 / 16, 64, 25)])
         best_g: tuple[dict[str, Any], ModelSpec] | None = None
         for size in factors:
             try:

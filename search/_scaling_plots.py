@@ -228,11 +228,20 @@ def _extrapolation(runs: Runs, fit: Fit, target: float) -> tuple[Any, Any]:
     lo = min(fit.budgets + [target])
     hi = max(fit.budgets + [target])
     cs = np.exp(np.linspace(math.log(lo), math.log(hi), 30))
+    # FLOPs per token as the runs have them, k N^s fitted to their (N, flops / tokens): at small scale
+    # attention and the head make them far more than 6N.
+    fpt = runs.flops / runs.d
+    if len(set(runs.n.tolist())) >= 2:
+        s, log_k = np.polyfit(np.log(runs.n), np.log(fpt), 1)
+    else:
+        s, log_k = 1.0, float(np.log(np.median(fpt / runs.n)))
+    k = float(np.exp(log_k))
     central, band_lo, band_hi = [], [], []
     for c in cs:
-        n, loss = optimum_6n(fit, float(c), g)
+        n, loss = optimum_6n(fit, float(c), g, flops_per_token=(k, float(s)))
         central.append(loss)
-        vals = [float(fit.predict_loss(n, c / (6 * n), g, s)) for s in fit.samples] or [loss]
+        d = c / (k * n**s)
+        vals = [float(fit.predict_loss(n, d, g, sample)) for sample in fit.samples] or [loss]
         band_lo.append(float(np.percentile(vals, 2.5)))
         band_hi.append(float(np.percentile(vals, 97.5)))
     best = []
@@ -241,7 +250,10 @@ def _extrapolation(runs: Runs, fit: Fit, target: float) -> tuple[Any, Any]:
         best.append((b, float(runs.loss[m].min())))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.fill_between(cs, band_lo, band_hi, alpha=0.25, label="95% bootstrap band")
-    ax.plot(cs, central, "-", label="compute-optimal loss (6N)" + (f", G={g:g}" if g else ""))
+    label = f"compute-optimal loss, FLOPs/token {k:.3g} N^{s:.2f} as in the runs" + (
+        f", G={g:g}" if g else ""
+    )
+    ax.plot(cs, central, "-", label=label)
     ax.plot([b for b, _ in best], [v for _, v in best], "o", label="best run per budget")
     ax.axvline(target, color="gray", linestyle=":", label=f"target {target:.3g}")
     ax.set_xscale("log")

@@ -146,6 +146,8 @@ def test_predict_from_a_fit_has_an_interval(chinchilla_fit: Fit) -> None:
     assert lo <= true_loss <= hi  # 100x past the largest budget, the truth is inside the band
     n_true, _ = closed_form_chinchilla(CHINCHILLA, 1e21)
     assert p.params == pytest.approx(n_true, rel=0.5)
+    assert any("far outside the N the law was fitted on" in n for n in p.notes)
+    assert not predict_optimum(chinchilla_fit, 1e19, flops_per_token="6N").notes  # within the runs
 
 
 def test_krajewski_prediction_prefers_the_finest_g_under_6n(krajewski_fit: Fit) -> None:
