@@ -13,11 +13,11 @@ from ._common import console, print_json
 
 EPILOG = """\
 examples:
-  moeforge scaling fit runs/ladder                      fit a search's runs (a run dir or its trials.json)
-  moeforge scaling fit runs.csv --law chinchilla        or a CSV: params, tokens, loss[, granularity, flops, seed]
-  moeforge scaling fit runs/ladder --out runs/ladder/scaling   fit.json and the plots
-  moeforge scaling predict runs/ladder/scaling/fit.json --budget 1e15
-  moeforge scaling predict runs/ladder/scaling/fit.json --budget 1e15 --spec big.yaml   the spec to train
+  moeforge search scaling --out runs/scaling --workers 2     the shipped study: 3 budgets x 4 sizes x m 1,2,4
+  moeforge scaling fit runs/scaling                           fit its runs (a run dir, or its trials.json)
+  moeforge scaling fit runs/scaling --out runs/scaling/fit    also fit.json and the plots
+  moeforge scaling fit runs.csv --law chinchilla --json       any runs: params, tokens, loss[, granularity, ...]
+  moeforge scaling predict runs/scaling/fit/fit.json --budget 4.5e12 --spec best.yaml   what to train next
 
 SOURCE is a search run dir, a trials.json, or a CSV with one row per run. From a search, every complete
 trial gives one run per seed; a configuration's seeds are resampled together by the bootstrap.
@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "N*, D* (and the best G among --granularities for laws with G) and the predicted loss with its "
         "95% interval over the bootstrap fits. For a fit of a search's runs, candidate specs are realized "
         "from the best trial at the largest budget (scaled like the search's size axis, at each G) and "
-        "counted exactly, so D = C / their training FLOPs per token; otherwise D = C / (6 N).",
+        "counted exactly, so D = C / their training FLOPs per token; otherwise D = C / (6 N). --law, --n, "
+        "--resamples and --seed apply when FIT is a SOURCE, fitted first.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
