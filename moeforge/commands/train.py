@@ -122,6 +122,20 @@ def run(args: argparse.Namespace) -> int:
 
         return _fail(f"--nproc: {args.nproc} must be >= 1", EXIT_BAD_INPUT)
     if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        import torch
+
+        from moeforge.cli import EXIT_BAD_INPUT
+
+        cuda = (args.device or "auto").startswith("cuda") or (
+            args.device in (None, "auto") and torch.cuda.is_available()
+        )
+        n_gpus = torch.cuda.device_count()
+        if cuda and n_gpus < args.nproc:
+            fix = f"use --nproc {n_gpus} or --device cpu" if n_gpus else "use --device cpu"
+            return _fail(
+                f"--nproc {args.nproc} runs one process per GPU, and this machine has {n_gpus}; {fix}",
+                EXIT_BAD_INPUT,
+            )
         return launch(args.nproc, args.argv)
     from moeforge.runtime._dist import close
 
