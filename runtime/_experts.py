@@ -23,11 +23,12 @@ backward is one gather, so no [N, D] buffer in pair order is made. How "every ex
 * ``fused_loop``: a Python loop over experts inside one autograd Function (`_FusedExperts`): each expert
   gathers its rows, runs gate and up as one matmul, the activation and gate, the down matmul, and adds into
   the output while its ~0.5 MB of temporaries are in cache; backward regathers and recomputes per expert.
-  No [N, D] buffer and no extra pass over [N, F] in either direction. Fastest eager path on CPU at one
-  thread, where a kernel launch costs nothing; one host sync per layer per step (the counts).
+  No [N, D] buffer and no extra pass over [N, F] in either direction. With several intra-op threads, ranges
+  of experts run on threads of their own, one intra-op thread each (OpenMP splits small matmuls badly).
+  Fastest eager path on CPU, where a kernel launch costs nothing; one host sync per layer (the counts).
 * ``loop``: `forward_loop`, the plain per-expert loop: obviously right, slow, and the test oracle.
-* ``auto``: on CPU in eager mode ``fused_loop`` at one thread and ``grouped_mm`` at more (`cpu_eager_dispatch`,
-  measured); otherwise ``grouped_mm`` where a tiny probe (once per device type and dtype) shows it right
+* ``auto``: on CPU in eager mode ``fused_loop`` at every thread count (`cpu_eager_dispatch`, measured);
+  otherwise ``grouped_mm`` where a tiny probe (once per device type and dtype) shows it right
   forward and backward, empty groups included, else ``padded_bmm`` (and ``padded_bmm`` when torch.compile
   traces a non-bf16 CPU model).
 
@@ -43,6 +44,9 @@ ceil(capacity_factor * T * K / E) pairs in token order; the rest contribute 0.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -145,15 +149,14 @@ def grouped_mm_errors(device: torch.device, dtype: torch.dtype, seed: int = 0) -
 def cpu_eager_dispatch(dtype: torch.dtype = torch.float32, threads: int | None = None) -> str:
     """What ``auto`` runs on the CPU in eager mode at `threads` intra-op threads (default: torch's current).
 
-    Measured side by side (README, Performance; ``python -m benchmarks.moe_layer --dispatch ...``): at one
-    thread ``fused_loop`` is fastest (each expert's work stays in cache, and a call costs no launch); at two
-    and more each of its ~10 calls per expert is a parallel region too small to split well, and
-    ``grouped_mm`` (a third fewer calls, each over more rows) wins. Read per forward, not at build time:
-    the thread count may change after the model is built (the trainer and benchmarks set it).
+    ``fused_loop`` at every thread count, measured side by side (README, Performance; ``python -m
+    benchmarks.moe_layer --threads N --dispatch ...``): at one thread each expert's work stays in cache and a
+    call costs no launch; at more it runs ranges of experts on threads with one intra-op thread each
+    (`_on_threads`), where ``grouped_mm`` and ``padded_bmm`` split every small matmul with OpenMP and stall
+    at its barriers, badly so when other processes share the cores. `dtype` and `threads` are arguments so a
+    measured rule that depends on them has its place here.
     """
-    threads = torch.get_num_threads() if threads is None else threads
-    if threads > 1 and grouped_mm_supported(torch.device("cpu"), dtype):
-        return "grouped_mm"
+    del dtype, threads
     return "fused_loop"
 
 
@@ -402,6 +405,70 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b) if torch.jit.is_tracing() else torch.mm(a, b, out=out)
 
 
+# ---- fused_loop on several threads ----------------------------------------------------------------------
+# At more than one intra-op thread, the fused loop splits the experts into contiguous ranges with about equal
+# rows, one per thread, and runs each range on its own Python thread with one intra-op thread. Each expert's
+# matmuls (a few hundred rows) are too small for OpenMP to split well: every call would be a parallel region
+# with its fork and barrier, about ten per expert, and a busy machine stalls at each. Python threads release
+# the GIL inside every op, so the ranges' ops overlap. Each range writes its own partial output (summed at
+# the end, in range order: deterministic) and disjoint slices of the saved pre-activations and gradients.
+_OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()  # per-thread OpenMP teams
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _expert_ranges(kept: list[int]) -> list[tuple[int, int]]:
+    """Contiguous expert ranges [lo, hi) with about equal rows, one per intra-op thread; one range where
+    threads would not help or could not be used (one thread, tracing, a dispatch or function mode such as a
+    FLOP counter, whose state is per thread)."""
+    E, total = len(kept), sum(kept)
+    parts = min(torch.get_num_threads(), sum(n > 0 for n in kept))
+    if (
+        parts <= 1
+        or not _OPENMP
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._len_torch_function_stack() > 0
+    ):
+        return [(0, E)]
+    ranges, lo, acc = [], 0, 0
+    for e, n in enumerate(kept):
+        acc += n
+        if len(ranges) < parts - 1 and acc * parts >= total * (len(ranges) + 1) and e + 1 < E:
+            ranges.append((lo, e + 1))
+            lo = e + 1
+    ranges.append((lo, E))
+    return ranges
+
+
+def _on_threads(fn: Callable[[int, int], torch.Tensor], ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """sum_r fn(*r): the first range on this thread, the others on worker threads, all with one intra-op
+    thread (the count is restored after); the partial results are added in range order."""
+    if len(ranges) == 1:
+        return fn(*ranges[0])
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(ranges) - 1:
+        _POOL = ThreadPoolExecutor(
+            max_workers=max(len(ranges) - 1, os.cpu_count() or 1), thread_name_prefix="moe"
+        )
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def work(lo: int, hi: int) -> torch.Tensor:
+        torch.set_num_threads(1)  # this thread's OpenMP team and MKL: one thread each
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad and not inference):
+            return fn(lo, hi)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        futures = [_POOL.submit(work, lo, hi) for lo, hi in ranges[1:]]
+        out = fn(*ranges[0])
+        for f in futures:
+            out.add_(f.result())
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, kept, activation, save: bool):
     """`_FusedExperts`' forward as plain ops (also what runs without autograd, so jit tracing sees the
     matmuls); `kept` is the rows per expert (host ints). Returns the output and, when `save`, the
@@ -412,30 +479,36 @@ def _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, kept, activation, 
         glu = w3_EFD is not None
         P = (2 if glu else 1) * Fh
         act = _ACT_OUT[activation][0]
-        C = max(kept)
-        out_TD = x_TD.new_zeros(T, D)
-        pre_NP = x_TD.new_empty(tok_N.shape[0] if save else C, P)
-        x_CD, y_CD, h_CF = x_TD.new_empty(C, D), x_TD.new_empty(C, D), x_TD.new_empty(C, Fh)
+        pre_NP = x_TD.new_empty(tok_N.shape[0], P) if save else None
         # Per-expert views made in a few calls rather than several indexing ops per expert: Python and
         # dispatcher overhead is a fixed cost per op, paid 63 times per layer here.
         toks, gs = tok_N.split(kept), g_N1.split(kept)
-        pres = pre_NP.split(kept) if save else None
+        pres = pre_NP.split(kept) if pre_NP is not None else None
         w1_DF, w2_FD = w1_EFD.transpose(1, 2).unbind(0), w2_EDF.transpose(1, 2).unbind(0)
         w3_DF = w3_EFD.transpose(1, 2).unbind(0) if glu else None
-        for e, n in enumerate(kept):
-            if n == 0:
-                continue
-            te = toks[e]
-            xe = torch.index_select(x_TD, 0, te, out=x_CD[:n])
-            pre = pres[e] if pres is not None else pre_NP[:n]
-            # gate and up straight into the two halves of pre (mm writes a row-strided output in place)
-            a = _mm(xe, w1_DF[e], pre[:, :Fh])
-            h = act(a, h_CF[:n])
-            if glu:
-                h.mul_(_mm(xe, w3_DF[e], pre[:, Fh:]))  # type: ignore[index]
-            h.mul_(gs[e])
-            out_TD.index_add_(0, te, _mm(h, w2_FD[e], y_CD[:n]))
-    return out_TD, (pre_NP if save else None)
+
+        def experts(lo: int, hi: int) -> torch.Tensor:
+            C = max(kept[lo:hi])
+            out_TD = x_TD.new_zeros(T, D)
+            x_CD, y_CD, h_CF = x_TD.new_empty(C, D), x_TD.new_empty(C, D), x_TD.new_empty(C, Fh)
+            scratch_CP = x_TD.new_empty(C, P) if pres is None else None
+            for e in range(lo, hi):
+                n = kept[e]
+                if n == 0:
+                    continue
+                te = toks[e]
+                xe = torch.index_select(x_TD, 0, te, out=x_CD[:n])
+                pre = pres[e] if pres is not None else scratch_CP[:n]  # type: ignore[index]
+                # gate and up straight into the two halves of pre (mm writes a row-strided output in place)
+                h = act(_mm(xe, w1_DF[e], pre[:, :Fh]), h_CF[:n])
+                if glu:
+                    h.mul_(_mm(xe, w3_DF[e], pre[:, Fh:]))  # type: ignore[index]
+                h.mul_(gs[e])
+                out_TD.index_add_(0, te, _mm(h, w2_FD[e], y_CD[:n]))
+            return out_TD
+
+        out_TD = _on_threads(experts, _expert_ranges(kept))
+    return out_TD, pre_NP
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -446,7 +519,8 @@ class _FusedExperts(torch.autograd.Function):
     expert's rows (about 0.5 MB here) in a buffer reused across experts, so it stays in cache; no [N, D]
     buffer exists in forward or backward. Only the pre-activations [N, F or 2F] are saved; backward regathers
     x and the upstream gradient per expert and recomputes act(a) (cheaper than storing it), and writes each
-    weight's gradient straight into its slot. Matmul FLOPs are the loop's, on kept pairs only.
+    weight's gradient straight into its slot. Matmul FLOPs are the loop's, on kept pairs only. With several
+    intra-op threads the experts run as ranges on threads (`_on_threads`).
     """
 
     @staticmethod
@@ -461,54 +535,60 @@ class _FusedExperts(torch.autograd.Function):
     def backward(ctx, gout_TD):
         x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, pre_NP = ctx.saved_tensors
         kept = ctx.kept
-        C = max(kept)
         act, act_bwd = _ACT_OUT[ctx.activation]
         glu = w3_EFD is not None
         E, Fh, D = w1_EFD.shape
         P = pre_NP.shape[1]
         with torch.autocast(x_TD.device.type, enabled=False):
             gout_TD = gout_TD.contiguous()
-            gx_TD = torch.zeros_like(x_TD)
             gg_N1 = torch.empty_like(g_N1)
             gw1_EFD, gw2_EDF = torch.empty_like(w1_EFD), torch.empty_like(w2_EDF)
             gw3_EFD = torch.empty_like(w3_EFD) if glu else None
-            x_CD, gy_CD, gx_CD = (x_TD.new_empty(C, D) for _ in range(3))
-            sa_CF, sb_CF, gh_CF = (x_TD.new_empty(C, Fh) for _ in range(3))
-            gpre_CP = x_TD.new_empty(C, P)
             toks, gs, pres, ggs = tok_N.split(kept), g_N1.split(kept), pre_NP.split(kept), gg_N1.split(kept)
             w1s, w2s = w1_EFD.unbind(0), w2_EDF.unbind(0)
             w3s = w3_EFD.unbind(0) if glu else None
             gw1s, gw2s = gw1_EFD.unbind(0), gw2_EDF.unbind(0)
             gw3s = gw3_EFD.unbind(0) if gw3_EFD is not None else None
-            for e, n in enumerate(kept):
-                if n == 0:  # no rows: zero weight gradient
-                    for gw in (gw1s, gw3s, gw2s):
-                        if gw is not None:
-                            gw[e].zero_()
-                    continue
-                te, ge, pre = toks[e], gs[e], pres[e]
-                xe = torch.index_select(x_TD, 0, te, out=x_CD[:n])
-                gy = torch.index_select(gout_TD, 0, te, out=gy_CD[:n])  # the combine's backward: a gather
-                a = pre[:, :Fh]
-                sa = act(a, sa_CF[:n])
-                b = pre[:, Fh:] if glu else None
-                sb = torch.mul(sa, b, out=sb_CF[:n]) if glu else sa  # hidden activation before the gate
-                torch.mm(gy.t(), torch.mul(sb, ge, out=gh_CF[:n]), out=gw2s[e])  # h = g * sb
-                gh = torch.mm(gy, w2s[e], out=gh_CF[:n])  # dL/dh
-                prod = torch.mul(gh, sb, out=sb_CF[:n] if glu else gpre_CP[:n])  # sb is not needed again
-                torch.sum(prod, 1, keepdim=True, out=ggs[e])  # dL/dg = sum_f dL/dh * sb
-                gh.mul_(ge)  # dL/d sb
-                gpre = gpre_CP[:n]
-                ga = gpre[:, :Fh]
-                if glu:
-                    gb = torch.mul(gh, sa, out=gpre[:, Fh:])  # dL/db
-                    gh.mul_(b)  # dL/d act(a)
-                act_bwd(gh, a, ga)  # dL/da
-                torch.mm(ga.t(), xe, out=gw1s[e])
-                gx = torch.mm(ga, w1s[e], out=gx_CD[:n])
-                if glu:
-                    assert gw3s is not None and w3s is not None
-                    torch.mm(gb.t(), xe, out=gw3s[e])
-                    gx.addmm_(gb, w3s[e])
-                gx_TD.index_add_(0, te, gx)
+
+            def experts(lo: int, hi: int) -> torch.Tensor:
+                C = max(kept[lo:hi])
+                gx_TD = torch.zeros_like(x_TD)
+                x_CD, gy_CD, gx_CD = (x_TD.new_empty(C, D) for _ in range(3))
+                sa_CF, sb_CF, gh_CF = (x_TD.new_empty(C, Fh) for _ in range(3))
+                gpre_CP = x_TD.new_empty(C, P)
+                for e in range(lo, hi):
+                    n = kept[e]
+                    if n == 0:  # no rows: zero weight gradient
+                        for gw in (gw1s, gw3s, gw2s):
+                            if gw is not None:
+                                gw[e].zero_()
+                        continue
+                    te, ge, pre = toks[e], gs[e], pres[e]
+                    xe = torch.index_select(x_TD, 0, te, out=x_CD[:n])
+                    gy = torch.index_select(gout_TD, 0, te, out=gy_CD[:n])  # the combine's backward: a gather
+                    a = pre[:, :Fh]
+                    sa = act(a, sa_CF[:n])
+                    b = pre[:, Fh:] if glu else None
+                    sb = torch.mul(sa, b, out=sb_CF[:n]) if glu else sa  # hidden activation before the gate
+                    torch.mm(gy.t(), torch.mul(sb, ge, out=gh_CF[:n]), out=gw2s[e])  # h = g * sb
+                    gh = torch.mm(gy, w2s[e], out=gh_CF[:n])  # dL/dh
+                    prod = torch.mul(gh, sb, out=sb_CF[:n] if glu else gpre_CP[:n])  # sb is not needed again
+                    torch.sum(prod, 1, keepdim=True, out=ggs[e])  # dL/dg = sum_f dL/dh * sb
+                    gh.mul_(ge)  # dL/d sb
+                    gpre = gpre_CP[:n]
+                    ga = gpre[:, :Fh]
+                    if glu:
+                        gb = torch.mul(gh, sa, out=gpre[:, Fh:])  # dL/db
+                        gh.mul_(b)  # dL/d act(a)
+                    act_bwd(gh, a, ga)  # dL/da
+                    torch.mm(ga.t(), xe, out=gw1s[e])
+                    gx = torch.mm(ga, w1s[e], out=gx_CD[:n])
+                    if glu:
+                        assert gw3s is not None and w3s is not None
+                        torch.mm(gb.t(), xe, out=gw3s[e])
+                        gx.addmm_(gb, w3s[e])
+                    gx_TD.index_add_(0, te, gx)
+                return gx_TD
+
+            gx_TD = _on_threads(experts, _expert_ranges(kept))
         return gx_TD, gg_N1, gw1_EFD, gw3_EFD, gw2_EDF, None, None, None

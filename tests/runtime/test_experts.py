@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moeforge.runtime._experts import Experts, cpu_eager_dispatch, grouped_mm_supported
+from moeforge.runtime._experts import Experts, _expert_ranges, grouped_mm_supported
 
 CPU = torch.device("cpu")
 FAST = [
@@ -218,17 +218,13 @@ def test_cpu_autocast_bf16_fused_loop_close_to_fp32():
 
 def test_auto_and_bad_dispatch():
     m = Experts(8, 8, 4)
-    many = "grouped_mm" if grouped_mm_supported(CPU, torch.float32) else "fused_loop"
     prev = torch.get_num_threads()
-    try:  # eager CPU: by the thread count it runs with (measured: README, Performance)
-        torch.set_num_threads(1)
-        assert m.resolved_dispatch(CPU, torch.float32) == "fused_loop"
-        torch.set_num_threads(2)
-        assert m.resolved_dispatch(CPU, torch.float32) == many
+    try:  # eager CPU: fused_loop at every thread count (it runs experts on threads itself; measured)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert m.resolved_dispatch(CPU, torch.float32) == "fused_loop"
     finally:
         torch.set_num_threads(prev)
-    assert cpu_eager_dispatch(torch.float32, threads=1) == "fused_loop"
-    assert cpu_eager_dispatch(torch.float32, threads=4) == many
     assert (
         m.resolved_dispatch(torch.device("meta"), torch.float32) == "padded_bmm"
     )  # no _grouped_mm probe there
@@ -294,3 +290,32 @@ def test_grouped_mm_probe_checks_gradients_and_empty_groups(monkeypatch):
     assert not bad["ok"] and bad["grad_w_empty"] > 0 and bad["out"] == 0.0
     monkeypatch.setattr(_experts, "_GROUPED_MM_OK", {})
     assert not _experts.grouped_mm_supported(CPU, torch.float32)  # so auto would not pick it
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fused_loop_on_threads_matches_loop(threads):
+    """With several intra-op threads fused_loop runs ranges of experts on threads: the same results, the
+    intra-op thread count restored, and one range where per-thread state would miss work (a FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(11)
+    m = _module(16, 12, 9, "swiglu")
+    x = torch.randn(60, 16, generator=gen)
+    idx, w = _routing(gen, 60, 9, 3, skip=(4,))
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        kept = torch.bincount(idx.flatten(), minlength=9).tolist()
+        ranges = _expert_ranges(kept)
+        assert len(ranges) == threads and ranges[0][0] == 0 and ranges[-1][1] == 9
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        _check(m, x, idx, w, "fused_loop")
+        with torch.no_grad():  # the no-grad path splits too
+            torch.testing.assert_close(m(x, idx, w), m.forward_loop(x, idx, w), **TOL)
+        assert torch.get_num_threads() == threads
+        with FlopCounterMode(display=False) as counter:
+            assert _expert_ranges(kept) == [(0, 9)]
+            m(x, idx, w)
+        assert counter.get_total_flops() == 2 * 3 * 60 * 3 * 16 * 12  # every matmul seen: 3 per pair
+    finally:
+        torch.set_num_threads(prev)
