@@ -37,7 +37,7 @@ def write_scaling_plots(runs: Runs, fit: Fit, out_dir: str | Path, target: float
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")
                 fig, html = draw()
-                fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+                fig.savefig(out / f"{name}.png", dpi=110)  # each figure has its tight_layout already
                 plt.close(fig)
                 html.write_html(out / f"{name}.html", include_plotlyjs="directory")
             made.append(name)

@@ -67,7 +67,7 @@ def synthetic(law: str, truth: dict, budgets: tuple, gs: tuple = (1,), sizes: in
 @pytest.fixture(scope="module")
 def chinchilla_fit() -> Fit:
     runs = synthetic("chinchilla", CHINCHILLA, (1e17, 3e17, 1e18, 3e18, 1e19))
-    return fit_law(runs, "chinchilla", resamples=100)
+    return fit_law(runs, "chinchilla", resamples=60)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_chinchilla_constants_recovered(chinchilla_fit: Fit) -> None:
 
 
 def test_chinchilla_intervals_hold_the_truth(chinchilla_fit: Fit) -> None:
-    assert chinchilla_fit.bootstrap["converged"] >= 95
+    assert chinchilla_fit.bootstrap["converged"] >= 57
     for name, true in CHINCHILLA.items():
         lo, hi = chinchilla_fit.ci[name]
         assert lo <= true <= hi, (name, lo, true, hi)
@@ -231,7 +231,7 @@ def test_too_few_runs_and_missing_g_are_refused() -> None:
 def test_constants_the_runs_do_not_determine_are_named() -> None:
     runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18, 1e19), sizes=4)
     runs.loss[:] = 2.0 * np.exp(0.005 * np.random.default_rng(0).standard_normal(len(runs)))  # flat: no law
-    f = fit_law(runs, "chinchilla", resamples=10, holdout=False)
+    f = fit_law(runs, "chinchilla", resamples=0, holdout=False)
     assert f.warnings and all("the runs do not determine it" in w for w in f.warnings)
 
 
