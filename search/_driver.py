@@ -53,15 +53,16 @@ def _log(line: str) -> None:
 
 
 def auto_workers(search: SearchSpec, device: str | None = None) -> int:
-    """One worker per visible GPU on CUDA; on CPU, the cores divided by each trial's torch threads
-    (one worker when `train.cpu_threads` is unset, since torch then uses every core); never more
-    workers than trials."""
+    """One worker per `train.devices_per_trial` visible GPUs on CUDA; on CPU, the cores divided by each
+    trial's torch threads times its processes (one worker when `train.cpu_threads` is unset, since torch
+    then uses every core); never more workers than trials."""
     dev = device or search.train.device
     gpus = _gpus() if dev in ("auto", "cuda") else []
+    k = search.train.devices_per_trial
     if gpus:
-        n = len(gpus)
+        n = max(1, len(gpus) // k)
     elif search.train.cpu_threads:
-        n = max(1, (os.cpu_count() or 1) // search.train.cpu_threads)
+        n = max(1, (os.cpu_count() or 1) // (search.train.cpu_threads * k))
     else:
         n = 1
     return max(1, min(n, search.n_trials))
@@ -191,8 +192,10 @@ def _run_processes(
         if cfg.device:
             cmd += ["--device", cfg.device]
         env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        if gpus:  # worker i gets its own group of devices_per_trial GPUs
+            k = search.train.devices_per_trial
+            group = [gpus[(i * k + j) % len(gpus)] for j in range(k)]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
         procs.append(subprocess.Popen(cmd, env=env))
     last = None
     try:

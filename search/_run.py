@@ -376,6 +376,8 @@ def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None
         if not resume:  # a run that stopped before its first checkpoint starts over
             for name in ("summary.json", "metrics.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)
+        if search.train.devices_per_trial > 1:
+            return _group_evaluate(search, spec, seed, budget, dev, out_dir, resume, on_eval)
         model = None
         try:
             model = build(spec, device=dev, seed=seed)
@@ -400,6 +402,51 @@ def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None
                 torch.cuda.empty_cache()
 
     return evaluate
+
+
+def _group_evaluate(
+    search: SearchSpec,
+    spec: ModelSpec,
+    seed: int,
+    budget: float,
+    device: str,
+    out_dir: Path,
+    resume: bool,
+    on_eval: Callable[[float, dict], None],
+) -> dict:
+    """Train one seed as a torchrun group of `train.devices_per_trial` processes (`_group.py`); the
+    evaluations are reported when the group has finished (so a pruner has nothing to act on: refused at
+    load)."""
+    import subprocess
+
+    from ._group import job
+
+    k = search.train.devices_per_trial
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "group_job.json"
+    rule = rule_for(search, spec, budget)
+    path.write_text(json.dumps(job(search, spec, seed, budget, device, out_dir, resume, rule)) + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
+    cmd += ["-m", "moeforge.search._group", str(path)]
+    env = dict(os.environ)
+    if search.train.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(search.train.cpu_threads)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        (out_dir / "group.log").write_text(proc.stdout + proc.stderr)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("W", "I", " "))]
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise TrialFailed(f"{k}-process group failed: {why} (log: {out_dir / 'group.log'})")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    evals = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "eval" and rec.get("fraction", 0) > 0 and rec.get("val_loss") is not None:
+                evals.append(rec)
+    for rec in evals:
+        on_eval(float(rec["fraction"]), rec)
+    return summary
 
 
 def rule_for(search: SearchSpec, spec: ModelSpec, budget: float) -> dict[str, Any]:

@@ -355,6 +355,11 @@ class TrainSettings(_Section):
     lr = 0.3118 C^-0.1250, batch = 0.2920 C^0.3271 tokens; fitted on dense models at 1e17-3e20 FLOPs, so at
     CPU scale a starting point, not a truth), the batch rounded to whole sequences and kept to at most
     1/MIN_STEPS of the run's tokens. Every trial records the values it used (`hparams`)."""
+    devices_per_trial: int = Field(1, ge=1, le=1024)
+    """Devices (processes) per training run: k > 1 runs each trial as a torchrun group of k processes
+    (DDP over the global batch, `moeforge.runtime.train`), and `--workers auto` makes one worker per k
+    visible GPUs (on CPU, per k x cpu_threads cores). Evaluations reach the search when the run ends, so
+    no pruner."""
     keep_checkpoints: Literal["best", "all", "none"] = "best"
     """Which finished trials keep their trained weights (trials/<spec key>/seed-*/checkpoint): the best
     so far (disk stays bounded; `moeforge export hf RUN_DIR` exports it), all, or none. Unfinished and
@@ -411,6 +416,10 @@ class SearchSpec(_Section):
             raise ValueError(
                 f"sampler.kind: a budget ladder trains every proposal at every budget, so {self.sampler.kind} "
                 "would learn the budget, not the design; use grid or random"
+            )
+        if self.train.devices_per_trial > 1 and self.pruner.kind != "none":
+            raise ValueError(
+                "pruner.kind: a trial on several devices reports its evaluations when it ends; use none"
             )
         if self.budget.ladder and self.pruner.kind != "none":
             raise ValueError(
