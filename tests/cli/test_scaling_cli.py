@@ -207,9 +207,14 @@ def test_bad_losses_are_dropped_with_a_warning(
     lines[5] = lines[5].replace(lines[5].split(",")[2], "0")
     path = tmp_path / "holes.csv"
     path.write_text("\n".join(lines) + "\n")
-    got = run_json(capsys, "scaling", "fit", str(path), "--json", "--resamples", "0")
+    assert main(["scaling", "fit", str(path), "--json", "--resamples", "0"]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)  # the warning stays out of the JSON
     assert got["n_points"] == 28 and got["dropped"] == ["holes.csv:3 (loss 'nan')", "holes.csv:6 (loss '0')"]
-    # the warning went to stderr (run_json read stdout only as JSON)
+    assert out.err.strip() == (
+        "moeforge scaling: warning: dropped 2 run(s) with a non-finite or non-positive loss: "
+        "holes.csv:3 (loss 'nan'), holes.csv:6 (loss '0')"
+    )
 
 
 def test_no_traceback_from_the_command_line(tmp_path: Path) -> None:
