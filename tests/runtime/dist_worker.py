@@ -21,7 +21,8 @@ def run(o: dict) -> dict | None:
 
     spec = load_spec("debug", o.get("set", []))
     cfg = TrainConfig(
-        steps=o.get("steps", 6),
+        steps=None if "tokens" in o else o.get("steps", 6),
+        tokens=o.get("tokens"),
         batch_size=o.get("batch_size", 8),
         micro_batch_size=o.get("micro_batch_size", 4),  # a rank's share of the batch of 8 on 2 processes
         device="cpu",

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dist_worker  # tests/runtime is on sys.path (pytest's prepend import mode)
@@ -89,17 +90,22 @@ def _assert_same(a: Path, b: Path) -> tuple[float, float]:
 BIAS = ["moe.gate.score=sigmoid", "moe.gate.selection_bias=true", "moe.gate.bias_update_speed=0.01"]
 
 
-@pytest.fixture(scope="module")
-def references(env, tmp_path_factory) -> dict:
-    """One-process runs, made once each: 6 steps of a global batch of 8 in micro-batches of 4 (a rank's
-    share on 2 processes), keyed by their spec overrides."""
-    runs: dict[tuple, Path] = {}
+# 5 steps of 8 sequences and a last step of one 50-token sequence: rank 1 has nothing to read in it
+SHORT_LAST_STEP = 5 * 8 * 128 + 50
 
-    def reference(overrides: tuple = ()) -> Path:
-        if overrides not in runs:
-            runs[overrides] = tmp_path_factory.mktemp("one") / "run"
-            dist_worker.run({"out": str(runs[overrides]), "set": list(overrides)})
-        return runs[overrides]
+
+@pytest.fixture(scope="module")
+def references(env, tmp_path_factory) -> Callable[..., Path]:
+    """One-process runs, made once each: 6 steps of a global batch of 8 in micro-batches of 4 (a rank's
+    share on 2 processes), or `tokens`; keyed by their options."""
+    runs: dict[str, Path] = {}
+
+    def reference(**options) -> Path:
+        key = json.dumps(options, sort_keys=True)
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp("one") / "run"
+            dist_worker.run({"out": str(runs[key]), **options})
+        return runs[key]
 
     return reference
 
@@ -110,15 +116,19 @@ def one_process(references) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("parallel", "overrides"),
-    # DDP with DeepSeek-V3's selection biases: their sign rule must see every rank's routing counts
-    [("ddp", BIAS), ("fsdp", [])],
-    ids=["ddp-selection-bias", "fsdp"],
+    ("parallel", "options"),
+    [
+        # DeepSeek-V3's selection biases: their sign rule must see every rank's routing counts
+        ("ddp", {"set": BIAS}),
+        # a short last step that leaves rank 1 no rows: it still joins every forward's collectives
+        ("fsdp", {"tokens": SHORT_LAST_STEP}),
+    ],
+    ids=["ddp-selection-bias", "fsdp-short-last-step"],
 )
-def test_two_processes_train_what_one_does(env, references, tmp_path, parallel, overrides):
+def test_two_processes_train_what_one_does(env, references, tmp_path, parallel, options):
     out = tmp_path / parallel
-    _worker(env, 2, out=str(out), parallel=parallel, set=overrides)
-    _assert_same(references(tuple(overrides)), out)
+    _worker(env, 2, out=str(out), parallel=parallel, **options)
+    _assert_same(references(**options), out)
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
 
 
