@@ -23,8 +23,8 @@ limit in time-only runs): linear warmup over the first `warmup` of the run, then
 Resuming. A run dir's checkpoint holds weights, AdamW state, the data sampler's generator state, RNG
 states, tokens and step done, and the seed and corpus it trained with (a resume with another is refused: the
 data order would silently change). Resuming recomputes the plan for the new budget and keeps going: a
-resumed run that was interrupted ends where the uninterrupted run would (bitwise on CPU, on any number of
-processes). Resuming to a *larger*
+resumed run that was interrupted ends where the uninterrupted run would (bitwise on CPU; to float rounding
+when the number of processes changes). Resuming to a *larger*
 budget recomputes the schedule for the new total at the tokens already done, with no second warmup. For
 cosine, the learning rate therefore jumps from the old run's floor back up to the new curve's value (at
 half of a doubled budget, about 55% of the peak) and anneals again; for WSD it returns to the stable rate.
