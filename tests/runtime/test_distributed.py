@@ -41,7 +41,7 @@ def env(tmp_path_factory):
     load_corpus(cache_dir=cache, vocab_size=256)
     old = os.environ.get("MOEFORGE_CACHE")
     os.environ["MOEFORGE_CACHE"] = str(cache)
-    yield {**os.environ, "MOEFORGE_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    yield {**os.environ, "MOEFORGE_CACHE": str(cache)}
     if old is None:
         del os.environ["MOEFORGE_CACHE"]
     else:
