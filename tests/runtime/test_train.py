@@ -77,6 +77,21 @@ def test_config_rejects_bad_budgets(bad):
         TrainConfig(**{"batch_size": 4, **bad})
 
 
+def test_config_is_one_closed_frozen_model():
+    with pytest.raises(ValueError, match="Extra inputs"):
+        TrainConfig(steps=1, eval_token=8)  # a typo is an error, not a silent default
+    cfg = TrainConfig(steps=1, tokens=None, batch_size=4)
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.lr = 1.0  # type: ignore[misc]
+    assert TrainConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg  # what a run dir recorded reloads
+    with pytest.raises(ValueError) as e:  # one line per problem, as the CLI prints them
+        TrainConfig.from_dict({"steps": 2, "batch_size": 4, "lr": 0, "warmup": 1})
+    assert str(e.value).splitlines() == [
+        "lr: must be greater than 0 (got 0)",
+        "warmup: 1 must be a fraction in [0, 1)",
+    ]
+
+
 def test_loss_falls_and_run_dir_is_complete(spec, fpt, corpus, tmp_path):
     evals = []
     _, s = _train(
