@@ -88,7 +88,7 @@ def test_config_is_one_closed_frozen_model():
         TrainConfig.from_dict({"steps": 2, "batch_size": 4, "lr": 0, "warmup": 1})
     assert str(e.value).splitlines() == [
         "lr: must be greater than 0 (got 0)",
-        "warmup: 1 must be a fraction in [0, 1)",
+        "warmup: 1.0 must be a fraction in [0, 1)",
     ]
 
 
