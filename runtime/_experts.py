@@ -413,7 +413,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 # the GIL inside every op, so the ranges' ops overlap. Each range writes its own partial output (summed at
 # the end, in range order: deterministic) and disjoint slices of the saved pre-activations and gradients.
 _OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()  # per-thread OpenMP teams
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a forked child makes its own
 
 
 def _expert_ranges(kept: list[int]) -> list[tuple[int, int]]:
@@ -446,10 +446,10 @@ def _on_threads(fn: Callable[[int, int], torch.Tensor], ranges: list[tuple[int, 
     if len(ranges) == 1:
         return fn(*ranges[0])
     global _POOL
-    if _POOL is None or _POOL._max_workers < len(ranges) - 1:
-        _POOL = ThreadPoolExecutor(
-            max_workers=max(len(ranges) - 1, os.cpu_count() or 1), thread_name_prefix="moe"
-        )
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < len(ranges) - 1:
+        workers = max(len(ranges) - 1, os.cpu_count() or 1)
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moeforge-experts"))
+    pool = _POOL[1]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def work(lo: int, hi: int) -> torch.Tensor:
@@ -460,7 +460,7 @@ def _on_threads(fn: Callable[[int, int], torch.Tensor], ranges: list[tuple[int, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        futures = [_POOL.submit(work, lo, hi) for lo, hi in ranges[1:]]
+        futures = [pool.submit(work, lo, hi) for lo, hi in ranges[1:]]
         out = fn(*ranges[0])
         for f in futures:
             out.add_(f.result())
