@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -154,8 +153,7 @@ def check_shapes(path: Path, model: nn.Module) -> None:
         ValueError: one line naming the first differences.
     """
     path = model_file(path)
-    with safe_open(str(path), "pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    saved = {k: tuple(v["shape"]) for k, v in _header(path).items() if k != "__metadata__"}
     want: dict[str, tuple[int, ...]] = {}
     seen: set[int] = set()
     for name, t in model.state_dict(keep_vars=True).items():
@@ -176,6 +174,22 @@ def check_shapes(path: Path, model: nn.Module) -> None:
         ]
         parts.append(f"shapes differ: {', '.join(wrong[:3])}" if wrong else "")
         raise ValueError(f"{path} does not match the model: {'; '.join(p for p in parts if p)}")
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}} (the format's first 8 bytes are
+    the header's length, little-endian; then the header in JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(100 * 2**20, path.stat().st_size - 8):
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file")
+    return header
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
