@@ -853,17 +853,29 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
 
 def _undetermined(law: Law, theta: Array, ci: dict[str, list[float]], n_samples: int) -> list[str]:
     """Constants the runs leave undetermined: at a bound of the optimizer's box, or (with 10 or more
-    bootstrap fits) an interval of zero width, where no resample moved them."""
+    bootstrap fits) an interval that reaches a bound, has zero width (no resample moved it), or for a scale
+    spans more than a factor 1000. Checked in the fitted space (logs of the scales)."""
     out = []
-    for name, t, (lo, hi) in zip(law.constants, theta, law.bounds(), strict=True):
+    k = law.n_scales
+    for i, (name, t, (lo, hi)) in enumerate(zip(law.constants, theta, law.bounds(), strict=True)):
         a, b = ci[name]
+        if i < k and a > 0 and b > 0:
+            a, b = math.log(a), math.log(b)
         if min(t - lo, hi - t) < 1e-6:
-            out.append(
-                f"{name} is at the bound of its search ({law.to_constants(theta)[name]:.3g}): the runs do not determine it"
-            )
-        elif n_samples >= 10 and math.isfinite(a) and b - a <= 1e-6 * max(abs(b), 1e-12):
+            value = law.to_constants(theta)[name]
+            out.append(f"{name} is at the bound of its search ({value:.3g}): the runs do not determine it")
+        elif n_samples < 10 or not (math.isfinite(a) and math.isfinite(b)):
+            continue
+        elif min(a - lo, hi - b) < 1e-3:
+            out.append(f"{name}: its interval reaches the bound of the search: the runs do not determine it")
+        elif b - a < 1e-6:
             out.append(
                 f"{name}: no bootstrap fit moved it, so its interval says nothing: the runs do not determine it"
+            )
+        elif i < k and b - a > math.log(1e3):
+            span = (b - a) / math.log(10)
+            out.append(
+                f"{name}: its interval spans {span:.0f} orders of magnitude: the runs do not determine it"
             )
     return out
 

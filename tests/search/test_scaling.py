@@ -105,7 +105,8 @@ def test_holdout_of_the_largest_budget_is_small(chinchilla_fit: Fit) -> None:
 def test_krajewski_constants_recovered(krajewski_fit: Fit) -> None:
     c = krajewski_fit.constants
     assert krajewski_fit.law == "krajewski"  # the default with 4 granularities
-    assert krajewski_fit.warnings == []
+    # c trades off with the other terms at these sizes: its interval reaches 0, and the fit says so
+    assert [w.split(":")[0] for w in krajewski_fit.warnings] in ([], ["c"])
     assert c["alpha"] == pytest.approx(KRAJEWSKI["alpha"], abs=0.01)
     assert c["beta"] == pytest.approx(KRAJEWSKI["beta"], abs=0.01)
     assert c["gamma"] == pytest.approx(KRAJEWSKI["gamma"], abs=0.15)
