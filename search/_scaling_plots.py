@@ -166,6 +166,8 @@ def matplotlib_hex(color: Any) -> str:
 
 
 def _loss_vs_g(runs: Runs, fit: Fit) -> tuple[Any, Any]:
+    """One line per budget (color) and model size (runs within half an octave of N): the runs' loss against
+    G, solid with error bars, and the fit at the same N, D, G, dashed."""
     import matplotlib.pyplot as plt
     import plotly.graph_objects as go
 
@@ -175,45 +177,49 @@ def _loss_vs_g(runs: Runs, fit: Fit) -> tuple[Any, Any]:
     groups = _by_budget(_configs(runs))
     for i, (budget, pts) in enumerate(groups.items()):
         color = colors(i / max(1, len(groups) - 1))
-        pts = sorted(pts, key=lambda p: (p["g"], p["n"]))
-        fitted = [
-            float(fit.predict_loss(p["n"], p["d"], p["g"] if fit.law_obj.uses_g else None)) for p in pts
-        ]
-        ax.errorbar(
-            [p["g"] for p in pts],
-            [p["loss"] for p in pts],
-            yerr=[p["std"] for p in pts],
-            fmt="o",
-            color=color,
-            capsize=2,
-            label=f"{budget:.3g}",
-        )
-        ax.plot([p["g"] for p in pts], fitted, "x--", color=color, alpha=0.8)
         hexc = matplotlib_hex(color)
-        html.add_trace(
-            go.Scatter(
-                x=[p["g"] for p in pts],
-                y=[p["loss"] for p in pts],
-                error_y={"type": "data", "array": [p["std"] for p in pts]},
-                mode="markers",
-                name=f"{budget:.3g} FLOPs",
-                marker={"color": hexc},
-                text=[p["label"] for p in pts],
+        lines: dict[float, list[dict[str, Any]]] = {}
+        for p in pts:
+            lines.setdefault(round(2 * math.log2(p["n"])) / 2, []).append(p)
+        for j, line in enumerate(lines.values()):
+            line = sorted(line, key=lambda p: p["g"])
+            gs = [p["g"] for p in line]
+            fitted = [
+                float(fit.predict_loss(p["n"], p["d"], p["g"] if fit.law_obj.uses_g else None)) for p in line
+            ]
+            n = float(np.median([p["n"] for p in line]))
+            ax.errorbar(
+                gs,
+                [p["loss"] for p in line],
+                yerr=[p["std"] for p in line],
+                fmt="o-",
+                color=color,
+                capsize=2,
+                linewidth=1,
+                label=f"{budget:.3g}" if j == 0 else None,
             )
-        )
-        html.add_trace(
-            go.Scatter(
-                x=[p["g"] for p in pts],
-                y=fitted,
-                mode="lines+markers",
-                name=f"{budget:.3g}: fit",
-                line={"color": hexc, "dash": "dash"},
+            ax.plot(gs, fitted, "--", color=color, alpha=0.7, linewidth=1)
+            name = f"{budget:.3g} FLOPs, N≈{n:.3g}"
+            html.add_trace(
+                go.Scatter(
+                    x=gs,
+                    y=[p["loss"] for p in line],
+                    error_y={"type": "data", "array": [p["std"] for p in line]},
+                    mode="lines+markers",
+                    name=name,
+                    line={"color": hexc},
+                    text=[p["label"] for p in line],
+                )
             )
-        )
+            html.add_trace(
+                go.Scatter(
+                    x=gs, y=fitted, mode="lines", name=f"{name}: fit", line={"color": hexc, "dash": "dash"}
+                )
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("granularity G (m)")
     ax.set_ylabel("loss")
-    ax.set_title(f"loss against G per budget (x: the {fit.law} fit at each run's N, D)", fontsize=10)
+    ax.set_title(f"loss against G, one line per budget and size (dashed: the {fit.law} fit)", fontsize=10)
     ax.legend(title="budget (FLOPs)", fontsize=8)
     fig.tight_layout()
     html.update_layout(title="loss against G", xaxis_title="G", yaxis_title="loss", xaxis_type="log")
