@@ -170,6 +170,16 @@ LAWS: dict[str, Law] = {
 }
 """The laws by name (`moeforge scaling fit --law NAME`)."""
 
+
+def n_words(kind: str) -> str:
+    """What N counts, in words: 'activated non-embedding parameters', or the CSV's column."""
+    return (
+        "the CSV's params column"
+        if kind == CSV_N
+        else kind.replace("_", " ").replace("non ", "non-") + " parameters"
+    )
+
+
 N_KINDS = {
     "activated_non_embedding": "params_activated_non_embedding",
     "activated": "params_activated",
@@ -350,12 +360,15 @@ def _runs(cols: dict[str, list], configs: list[dict], n_kind: str, source: str, 
     )
 
 
+CSV_N = "params"
+"""A CSV's N kind: whatever its params column counts (`--n` does not apply)."""
+
 CSV_COLUMNS = ("params", "tokens", "loss")
 """Required CSV columns; `granularity` (G) is needed by laws that use it, `flops` and `seed` are used
 when present, anything else is ignored."""
 
 
-def runs_from_csv(path: Path, n_kind: str = "activated_non_embedding") -> Runs:
+def runs_from_csv(path: Path) -> Runs:
     """A CSV with one row per run (columns `params`, `tokens`, `loss`, and `granularity`, `flops`,
     `seed` when present). A run's budget is its `flops`, or 6 N D to two significant digits, so runs
     planned on one IsoFLOP budget group together. Rows with the same params, tokens, granularity and
@@ -438,7 +451,7 @@ def runs_from_csv(path: Path, n_kind: str = "activated_non_embedding") -> Runs:
         cols["flops"].append(flops if math.isfinite(flops) else 6 * n * d)
         cols["group"].append(index[key])
         cols["seed"].append(seed if math.isfinite(seed) else 0)
-    return _runs(cols, configs, n_kind, str(path), dropped)
+    return _runs(cols, configs, CSV_N, str(path), dropped)
 
 
 def load_runs(source: str | Path, n_kind: str = "activated_non_embedding") -> Runs:
@@ -468,7 +481,7 @@ def load_runs(source: str | Path, n_kind: str = "activated_non_embedding") -> Ru
     if not path.is_file():
         raise ScalingInputError(f"{path}: no such file or directory")
     if path.suffix.lower() == ".csv":
-        return runs_from_csv(path, n_kind)
+        return runs_from_csv(path)
     return runs_from_records(_read_json_records(path), n_kind, str(path))
 
 
@@ -1008,8 +1021,8 @@ def _range_note(f: Fit, p: Prediction) -> Prediction:
 def _predict_6n(f: Fit, budget: float, gs: Sequence[float | None]) -> Prediction:
     law = f.law_obj
     notes = []
-    if f.n_kind not in ("activated_non_embedding", "activated"):
-        notes.append(f"6N treats N ({f.n_kind} parameters) as the parameters each token uses")
+    if f.n_kind not in ("activated_non_embedding", "activated", CSV_N):
+        notes.append(f"6N treats N ({n_words(f.n_kind)}) as the parameters each token uses")
     cands: list[dict[str, Any]] = []
     for g in gs:
         n, loss = optimum_6n(f, budget, g)

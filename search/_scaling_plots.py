@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._scaling import Fit, Runs, optimum_6n
+from ._scaling import Fit, Runs, n_words, optimum_6n
 
 
 def write_scaling_plots(runs: Runs, fit: Fit, out_dir: str | Path, target: float | None = None) -> list[str]:
@@ -148,7 +148,7 @@ def _isoflop(runs: Runs, fit: Fit) -> tuple[Any, Any]:
             )
         )
     ax.set_xscale("log")
-    ax.set_xlabel(f"N ({runs.n_kind.replace('_', ' ')} parameters)")
+    ax.set_xlabel(f"N ({n_words(runs.n_kind)})")
     ax.set_ylabel("loss")
     ax.set_title(f"IsoFLOP curves, {fit.law} fit (stars: each budget's optimum)", fontsize=10)
     ax.legend(title="budget (FLOPs)", fontsize=8)

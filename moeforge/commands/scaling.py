@@ -237,6 +237,7 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
 
     from moeforge._format import count
     from moeforge.search._results import TIE_RULE
+    from moeforge.search._scaling import n_words
 
     con = console()
     law = fit.law_obj
@@ -244,7 +245,7 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
     con.print(f"scaling fit: {law.name}, {law.formula}", highlight=False)
     con.print(
         f"  {fit.n_points} runs ({len(runs.configs)} configurations) at {len(fit.budgets)} budget(s) ({budgets} "
-        f"FLOPs); N = {fit.n_kind.replace('_', ' ')} parameters; from {fit.source}",
+        f"FLOPs); N = {n_words(fit.n_kind)}; from {fit.source}",
         highlight=False,
     )
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
@@ -377,7 +378,7 @@ def _predict(fit: Any, args: argparse.Namespace) -> Any:
 
 def _write_spec(fit: Any, pred: Any, out: str) -> str:
     from moeforge.compiler import load_spec, spec_to_yaml
-    from moeforge.search._scaling import ScalingInputError
+    from moeforge.search._scaling import ScalingInputError, n_words
 
     if pred.spec is None:
         raise ScalingInputError("--spec: this prediction realized no spec (a fit without a search spec)")
@@ -387,7 +388,7 @@ def _write_spec(fit: Any, pred: Any, out: str) -> str:
     lo, hi = pred.loss_ci
     header = (
         f"Compute-optimal model at {pred.budget_flops:.3g} training FLOPs under a {fit.law} fit of {fit.source}\n"
-        f"(moeforge scaling predict): N = {pred.params:,.0f} {fit.n_kind.replace('_', ' ')} parameters, "
+        f"(moeforge scaling predict): N = {pred.params:,.0f} {n_words(fit.n_kind)}, "
         f"D = {pred.tokens:,.0f} tokens, G = {pred.granularity}\n"
         f"predicted loss {pred.loss:.4f} (95% interval {lo:.4f} - {hi:.4f}); scale factor {pred.size:.4g} of "
         "the search's base, from its best trial at the largest budget"
@@ -404,6 +405,7 @@ def _render_prediction(fit: Any, pred: Any, written: str | None) -> None:
     from rich.table import Table
 
     from moeforge._format import count
+    from moeforge.search._scaling import n_words
 
     con = console()
     lo, hi = pred.loss_ci
@@ -413,7 +415,7 @@ def _render_prediction(fit: Any, pred: Any, written: str | None) -> None:
     )
     g = f", G* = {pred.granularity:g}" if pred.granularity is not None else ""
     con.print(
-        f"  N* = {count(int(pred.params))} {fit.n_kind.replace('_', ' ')} parameters, D* = {count(int(pred.tokens))} "
+        f"  N* = {count(int(pred.params))} ({n_words(fit.n_kind)}), D* = {count(int(pred.tokens))} "
         f"tokens ({pred.tokens / pred.params:.1f} per parameter){g}",
         highlight=False,
     )
