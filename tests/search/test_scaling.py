@@ -280,3 +280,19 @@ def test_realize_scales_the_best_trial_and_sets_m() -> None:
         n = account(spec).params_activated_non_embedding
         assert spec.moe_derived is not None and spec.moe_derived.m == m
         assert n / n1 == pytest.approx(size, rel=0.35)  # realizable shapes are discrete
+
+
+def test_a_plot_that_fails_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chinchilla_fit: Fit
+) -> None:
+    import moeforge.search._scaling_plots as plots
+
+    def broken(*args: object) -> None:
+        raise ValueError("no axes today")
+
+    monkeypatch.setattr(plots, "_isoflop", broken)
+    monkeypatch.setattr(plots, "_residuals", broken)
+    runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18), sizes=3)
+    assert plots.write_scaling_plots(runs, chinchilla_fit, tmp_path) == []
+    assert (tmp_path / "isoflop.error.txt").read_text() == "ValueError: no axes today\n"
+    assert (tmp_path / "residuals.error.txt").is_file() and not list(tmp_path.glob("*.png"))
