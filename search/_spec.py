@@ -278,7 +278,10 @@ class Constraints(_Section):
 
 
 class Budget(_Section):
-    train_flops: float | tuple[float, ...] = Field(union_mode="left_to_right")
+    train_flops: Annotated[
+        Annotated[float, Tag("one")] | Annotated[tuple[float, ...], Tag("ladder")],
+        Discriminator(lambda v: "ladder" if isinstance(v, list | tuple) else "one"),
+    ]
     """Training FLOPs per trial (per seed); each candidate trains for train_flops / its own training
     FLOPs per token tokens, so big and small candidates get the same compute. A list is an IsoFLOP
     ladder (``[1e11, 3e11, 1e12]``): every proposed architecture trains at every budget, one trial each
