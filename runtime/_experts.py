@@ -413,17 +413,19 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 # the GIL inside every op, so the ranges' ops overlap. Each range writes its own partial output (summed at
 # the end, in range order: deterministic) and disjoint slices of the saved pre-activations and gradients.
 _OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()  # per-thread OpenMP teams
+_CPU = torch.device("cpu")
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool): a forked child makes its own
 
 
-def _expert_ranges(kept: list[int]) -> list[tuple[int, int]]:
+def _expert_ranges(kept: list[int], device: torch.device = _CPU) -> list[tuple[int, int]]:
     """Contiguous expert ranges [lo, hi) with about equal rows, one per intra-op thread; one range where
-    threads would not help or could not be used (one thread, tracing, a dispatch or function mode such as a
-    FLOP counter, whose state is per thread)."""
+    threads would not help or could not be used (not the CPU: a GPU's current stream is per thread; one
+    thread; tracing; a dispatch or function mode such as a FLOP counter, whose state is per thread)."""
     E, total = len(kept), sum(kept)
     parts = min(torch.get_num_threads(), sum(n > 0 for n in kept))
     if (
         parts <= 1
+        or device.type != "cpu"
         or not _OPENMP
         or torch.jit.is_tracing()
         or torch._C._len_torch_dispatch_stack() > 0
@@ -507,7 +509,7 @@ def _fused_forward(x_TD, g_N1, w1_EFD, w3_EFD, w2_EDF, tok_N, kept, activation, 
                 out_TD.index_add_(0, te, _mm(h, w2_FD[e], y_CD[:n]))
             return out_TD
 
-        out_TD = _on_threads(experts, _expert_ranges(kept))
+        out_TD = _on_threads(experts, _expert_ranges(kept, x_TD.device))
     return out_TD, pre_NP
 
 
@@ -590,5 +592,5 @@ class _FusedExperts(torch.autograd.Function):
                     gx_TD.index_add_(0, te, gx)
                 return gx_TD
 
-            gx_TD = _on_threads(experts, _expert_ranges(kept))
+            gx_TD = _on_threads(experts, _expert_ranges(kept, x_TD.device))
         return gx_TD, gg_N1, gw1_EFD, gw3_EFD, gw2_EDF, None, None, None

@@ -309,6 +309,9 @@ def test_fused_loop_on_threads_matches_loop(threads):
         ranges = _expert_ranges(kept)
         assert len(ranges) == threads and ranges[0][0] == 0 and ranges[-1][1] == 9
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert _expert_ranges(kept, torch.device("meta")) == [
+            (0, 9)
+        ]  # off the CPU: a GPU stream is per thread
         _check(m, x, idx, w, "fused_loop")
         with torch.no_grad():  # the no-grad path splits too
             torch.testing.assert_close(m(x, idx, w), m.forward_loop(x, idx, w), **TOL)
