@@ -588,7 +588,7 @@ class _FusedExperts(torch.autograd.Function):
                     if glu:
                         assert gw3s is not None and w3s is not None
                         torch.mm(gb.t(), xe, out=gw3s[e])
-                        gx.addmm_(gb, w3s[e])
+                        torch.addmm(gx, gb, w3s[e], out=gx)  # aten.addmm, which FLOP counters know
                     gx_TD.index_add_(0, te, gx)
                 return gx_TD
 
