@@ -21,7 +21,7 @@ backward is one gather, so no [N, D] buffer in pair order is made. How "every ex
   Wastes E*C - N rows when routing is skewed, but makes 9 calls per step instead of 9*E: on an
   oversubscribed multi-threaded CPU it suffers far less from thread-barrier stalls than ``grouped_mm``.
 * ``fused_loop``: a Python loop over experts inside one autograd Function (`_FusedExperts`): each expert
-  gathers its rows, runs gate and up as one matmul, the activation and gate, the down matmul, and adds into
+  gathers its rows, runs gate and up into one [n, 2F] buffer, the activation and gate, the down matmul, adds into
   the output while its ~0.5 MB of temporaries are in cache; backward regathers and recomputes per expert.
   No [N, D] buffer and no extra pass over [N, F] in either direction. With several intra-op threads, ranges
   of experts run on threads of their own, one intra-op thread each (OpenMP splits small matmuls badly).
