@@ -190,6 +190,8 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
             lambda: pm.plot_pareto_front(study, target_names=[metric, "params_total"]),
             lambda: pv.plot_pareto_front(study, target_names=[metric, "params_total"]),
         )
+    if search.budget.ladder:
+        made += _scaling_plots(search, records, out_dir)
     done = [r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None]
     axes = {
         "m": ("segmentation m", "shared_experts", "K_s"),
@@ -211,6 +213,24 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
                 lambda pts=pts, label=label: _scatter_html(pts, label, metric),
             )
     return made
+
+
+def _scaling_plots(search: SearchSpec, records: list[dict], out_dir: Path) -> list[str]:
+    """A ladder's IsoFLOP profiles, loss against G and residuals under the default law's fit (no
+    bootstrap: `moeforge scaling fit` gives the intervals); nothing while the runs are too few to fit."""
+    from ._scaling import FitFailed, ScalingInputError, fit_law, runs_from_records
+    from ._scaling_plots import write_scaling_plots
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs = runs_from_records(records, search=search)
+            fit = fit_law(runs, resamples=0, holdout=False)
+    except (ScalingInputError, FitFailed) as e:
+        (out_dir / "scaling.error.txt").write_text(f"no scaling fit yet: {e}\n")
+        return []
+    (out_dir / "scaling.error.txt").unlink(missing_ok=True)
+    return write_scaling_plots(runs, fit, out_dir)
 
 
 def _groups(pts: list[tuple]) -> dict[str, list[tuple]]:

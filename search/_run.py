@@ -193,10 +193,6 @@ def make_sampler(
     if s.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.kind == "gp":
-        try:
-            import scipy  # noqa: F401
-        except ImportError:
-            raise SearchStop("sampler.kind gp needs scipy: pip install scipy (or use tpe)") from None
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.kind == "nsga2":
         pop = min(50, max(4, search.n_trials // 4))
