@@ -232,7 +232,8 @@ def test_too_few_runs_and_missing_g_are_refused() -> None:
 def test_constants_the_runs_do_not_determine_are_named() -> None:
     runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18, 1e19), sizes=4)
     runs.loss[:] = 2.0 * np.exp(0.005 * np.random.default_rng(0).standard_normal(len(runs)))  # flat: no law
-    f = fit_law(runs, "chinchilla", resamples=0, holdout=False)
+    # The bootstrap shows it whatever optimum L-BFGS-B stops at (scipy releases differ there).
+    f = fit_law(runs, "chinchilla", resamples=20, holdout=False)
     assert f.warnings and all("the runs do not determine it" in w for w in f.warnings)
 
 
