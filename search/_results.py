@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -303,8 +304,6 @@ TIE_RULE = "tied: the gap to the best mean is under 2 * sqrt(s_best^2/n_best + s
 
 def seed_stats(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation over seeds (None with one seed: no noise estimate)."""
-    import statistics
-
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
@@ -318,6 +317,17 @@ def tied(best: list[float], other: list[float]) -> bool | None:
     assert sb is not None and so is not None
     se = (sb**2 / len(best) + so**2 / len(other)) ** 0.5
     return abs(mo - mb) < 2 * se
+
+
+def _trained(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete trials that trained themselves (not reused results) and have a value."""
+    return [
+        r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None and r["value"] is not None
+    ]
+
+
+_VERDICT = {True: "tied", False: "", None: "1 seed"}
+"""`tied`'s answer as the leaderboards write it."""
 
 
 def _seed_values(r: dict[str, Any]) -> list[float]:
@@ -342,15 +352,7 @@ def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> 
         f"trial {number}, {metric} = {mean:.4f}{spread}",
         f"params: {json.dumps(best['params'])}; trained on {budget:.3g} FLOPs per seed",
     ]
-    rivals = [
-        r
-        for r in records
-        if r["state"] == "COMPLETE"
-        and r["reused_from"] is None
-        and r["number"] != number
-        and r["budget_flops"] == budget
-        and r["value"] is not None
-    ]
+    rivals = [r for r in _trained(records) if r["number"] != number and r["budget_flops"] == budget]
     if rivals:
         second = min(rivals, key=lambda r: r["value"])
         gap = second["value"] - mean
@@ -372,14 +374,12 @@ def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> 
 def noise_marks(records: list[dict[str, Any]]) -> dict[int, str]:
     """For each complete trial that trained: "best" (of its budget), "tied" (within the seed noise of the
     best, `TIE_RULE`), "" (beyond it), or "1 seed" (no noise estimate)."""
-    done = [
-        r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None and r["value"] is not None
-    ]
+    done = _trained(records)
     out: dict[int, str] = {}
     for budget in {r["budget_flops"] for r in done}:
         group = [r for r in done if r["budget_flops"] == budget]
         best = min(group, key=lambda r: r["value"])
         for r in group:
             tie = tied(_seed_values(best), _seed_values(r))
-            out[r["number"]] = "best" if r is best else {True: "tied", False: "", None: "1 seed"}[tie]
+            out[r["number"]] = "best" if r is best else _VERDICT[tie]
     return out

@@ -74,8 +74,8 @@ Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]]
 MAX_SKIPS = 200  # consecutive proposals that train nothing before the space counts as exhausted
 MAX_ATTEMPTS = 3  # trainings of one spec (first try and retries, for failures and for dead workers)
 POLL_S = 1.0  # how often a waiting worker looks at the study again
-SETTLE_S = 0.5
-ORPHAN_S = 120.0  # a running trial without its worker's pid after this long lost its worker right after ask  # after claiming a spec, how long to wait before checking that nobody else claimed it
+SETTLE_S = 0.5  # after claiming a spec, how long to wait before checking that nobody else claimed it
+ORPHAN_S = 120.0  # a running trial without its worker's pid after this long lost its worker right after ask
 HEARTBEAT_ENV = "MOEFORGE_SEARCH_HEARTBEAT_S"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -433,16 +433,12 @@ def _group_evaluate(
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("W", "I", " "))]
         why = lines[-1] if lines else f"exit status {proc.returncode}"
         raise TrialFailed(f"{k}-process group failed: {why} (log: {out_dir / 'group.log'})")
-    summary = json.loads((out_dir / "summary.json").read_text())
-    evals = []
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError):  # the evaluations, for the log (no pruner with groups)
         for line in (out_dir / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
             if rec.get("kind") == "eval" and rec.get("fraction", 0) > 0 and rec.get("val_loss") is not None:
-                evals.append(rec)
-    for rec in evals:
-        on_eval(float(rec["fraction"]), rec)
-    return summary
+                on_eval(float(rec["fraction"]), rec)
+    return json.loads((out_dir / "summary.json").read_text())
 
 
 def rule_for(search: SearchSpec, spec: ModelSpec, budget: float) -> dict[str, Any]:
