@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from ._run import best_trial, counted
+from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
 
 RECORD_KEYS = (
@@ -295,28 +295,6 @@ def leaderboard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (kind, budget, r["value"] if r["value"] is not None else float("inf"), r["number"])
 
     return sorted(records, key=key)
-
-
-# ------------------------------------------------------------------------------------------ seed noise
-TIE_RULE = "tied: the gap to the best mean is under 2 * sqrt(s_best^2/n_best + s^2/n) (s: std over n seeds)"
-"""How leaderboards decide that an entry is within the seed noise of the best (the README quotes it)."""
-
-
-def seed_stats(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation over seeds (None with one seed: no noise estimate)."""
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def tied(best: list[float], other: list[float]) -> bool | None:
-    """Whether `other`'s mean is within the seed noise of `best`'s (`TIE_RULE`); None when either has
-    one seed, so there is no noise estimate."""
-    if len(best) < 2 or len(other) < 2:
-        return None
-    (mb, sb), (mo, so) = seed_stats(best), seed_stats(other)
-    assert sb is not None and so is not None
-    se = (sb**2 / len(best) + so**2 / len(other)) ** 0.5
-    return abs(mo - mb) < 2 * se
 
 
 def _trained(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

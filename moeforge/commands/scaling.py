@@ -188,10 +188,10 @@ def _clean(obj: Any) -> Any:
 
 def _config_rows(runs: Any, fit: Any) -> list[dict[str, Any]]:
     """Each configuration at its budget: mean ± std over seeds, whether it is the budget's best or tied
-    with it within seed noise (`moeforge.search._results.tied`), and the fitted loss."""
+    with it within seed noise (`moeforge.search._seeds.tied`), and the fitted loss."""
     import numpy as np
 
-    from moeforge.search._results import seed_stats, tied
+    from moeforge.search._seeds import seed_stats, tied
 
     rows = []
     by_budget: dict[float, list[dict[str, Any]]] = {}
@@ -236,8 +236,8 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
     from rich.table import Table
 
     from moeforge._format import count
-    from moeforge.search._results import TIE_RULE
     from moeforge.search._scaling import n_words
+    from moeforge.search._seeds import TIE_RULE
 
     con = console()
     law = fit.law_obj

@@ -197,7 +197,8 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
 
     from moeforge._format import count
     from moeforge.search import leaderboard
-    from moeforge.search._results import TIE_RULE, noise_marks
+    from moeforge.search._results import noise_marks
+    from moeforge.search._seeds import TIE_RULE
 
     con = con or console()
     names = list(dict.fromkeys(k for r in records for k in r["params"]))
