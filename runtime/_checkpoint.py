@@ -55,12 +55,13 @@ def save_checkpoint(
     full_model: dict[str, torch.Tensor] | None = None
     opt_tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
-    if is_sharded(model):
+    sharded = is_sharded(model)
+    if sharded:  # a collective: every rank takes part
         full_model, opt_tensors, groups = _gather_sharded(model, optimizer)
-    elif optimizer is not None:
-        opt_tensors, groups = _optimizer_tensors(model, optimizer)
     if dist.is_initialized() and dist.get_rank() != 0:
-        return
+        return  # before copying a replicated optimizer state to the host only to drop it
+    if not sharded and optimizer is not None:
+        opt_tensors, groups = _optimizer_tensors(model, optimizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

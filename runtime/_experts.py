@@ -281,7 +281,11 @@ class Experts(nn.Module):
         order_N = torch.argsort(idx_N, stable=True)  # sorted position -> pair
         cap = None if cf is None else math.ceil(cf * T * K / E)
         kept_E = counts_E if cap is None else counts_E.clamp(max=cap)
-        self.last_dropped_fraction = ((counts_E - kept_E).sum() / max(T * K, 1)).float().detach()
+        self.last_dropped_fraction = (
+            torch.zeros((), device=x_TD.device)  # dropless: nothing to compute per forward
+            if cap is None
+            else ((counts_E - kept_E).sum() / max(T * K, 1)).float().detach()
+        )
         # Host syncs: none for grouped_mm without a capacity; else this one, the only one per layer, for the
         # sizes a Python loop (fused_loop), a padded buffer (padded_bmm) or the kept pairs (capacity) need.
         # (`loop`, the oracle, syncs once per expert in torch.where.)
@@ -292,9 +296,10 @@ class Experts(nn.Module):
             assert kept is not None
             starts_E = torch.cumsum(counts_E, 0) - counts_E
             rank_N = torch.arange(T * K, device=idx_N.device) - starts_E[idx_N[order_N]]
-            # the kept sorted positions, still sorted by expert, <= cap per expert; their number is known on
-            # the host, so nonzero_static does not sync as a boolean mask index would
-            order_N = order_N[torch.nonzero_static(rank_N < cap, size=sum(kept)).view(-1)]
+            # the kept sorted positions, still sorted by expert, <= cap per expert: a stable sort puts them
+            # first, and their number is known on the host, so nothing syncs as a boolean mask index would
+            # (nonzero_static would do too, but has no CUDA kernel before torch 2.6; the floor is 2.4)
+            order_N = order_N[torch.argsort((rank_N >= cap).to(torch.uint8), stable=True)[: sum(kept)]]
 
         if mode == "loop":
             if cap is not None:  # zero the gate of dropped pairs: no output and no gradient through them
