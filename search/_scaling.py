@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,6 +190,10 @@ N_KINDS = {
 
 
 # ------------------------------------------------------------------------------------------------- runs
+_COLS = ("n", "d", "g", "loss", "budget", "flops", "group", "seed")
+"""The per-run columns of `Runs`, in order."""
+
+
 @dataclass
 class Runs:
     """One entry per training run (a configuration at one seed): what a law is fitted to."""
@@ -228,23 +232,18 @@ class Runs:
 
     def subset(self, mask: Array) -> Runs:
         keep = np.flatnonzero(mask)
-        groups = sorted({int(self.group[i]) for i in keep})
-        remap = {old: new for new, old in enumerate(groups)}
-        return Runs(
-            n=self.n[keep],
-            d=self.d[keep],
-            g=self.g[keep],
-            loss=self.loss[keep],
-            budget=self.budget[keep],
-            flops=self.flops[keep],
-            group=np.array([remap[int(x)] for x in self.group[keep]], dtype=int),
-            seed=self.seed[keep],
-            configs=[self.configs[i] for i in groups],
-            n_kind=self.n_kind,
-            source=self.source,
-            dropped=self.dropped,
-            search=self.search,
+        r = _runs(
+            {k: getattr(self, k)[keep] for k in _COLS}, self.configs, self.n_kind, self.source, self.dropped
         )
+        r.search = self.search
+        return r
+
+    def by_config(self) -> Iterator[tuple[dict[str, Any], int, Array]]:
+        """Per configuration (every one has runs): its entry in `configs`, its first run's index and its
+        runs' losses."""
+        for gi, cfg in enumerate(self.configs):
+            idx = np.flatnonzero(self.group == gi)
+            yield cfg, int(idx[0]), self.loss[idx]
 
     def points(self) -> int:
         """Distinct (N, D, G) points: what a law's constants are fitted to (seeds only average noise)."""
@@ -270,9 +269,7 @@ def runs_from_records(
     if n_kind not in N_KINDS:
         raise ScalingInputError(f"--n {n_kind}: choose one of {', '.join(N_KINDS)}")
     n_key = N_KINDS[n_kind]
-    cols: dict[str, list[float]] = {
-        k: [] for k in ("n", "d", "g", "loss", "budget", "flops", "group", "seed")
-    }
+    cols: dict[str, list[float]] = {k: [] for k in _COLS}
     configs: list[dict[str, Any]] = []
     dropped: list[str] = []
     index: dict[tuple, int] = {}
@@ -340,7 +337,13 @@ def runs_from_records(
     return runs
 
 
-def _runs(cols: dict[str, list], configs: list[dict], n_kind: str, source: str, dropped: list[str]) -> Runs:
+def _runs(
+    cols: Mapping[str, Sequence[float] | Array],
+    configs: list[dict],
+    n_kind: str,
+    source: str,
+    dropped: list[str],
+) -> Runs:
     arr = {k: np.asarray(v, dtype=float) for k, v in cols.items()}
     used = sorted({int(x) for x in arr["group"]})
     remap = {old: new for new, old in enumerate(used)}  # configurations whose every seed was dropped go
@@ -390,9 +393,7 @@ def runs_from_csv(path: Path) -> Runs:
             f"{path}:1: column {missing[0]}: missing (the header has {', '.join(header) or 'nothing'}; "
             f"needs {', '.join(CSV_COLUMNS)}, and granularity for laws with G)"
         )
-    cols: dict[str, list[float]] = {
-        k: [] for k in ("n", "d", "g", "loss", "budget", "flops", "group", "seed")
-    }
+    cols: dict[str, list[float]] = {k: [] for k in _COLS}
     configs: list[dict[str, Any]] = []
     index: dict[tuple, int] = {}
     dropped: list[str] = []
@@ -810,15 +811,7 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
         found = _minimize(law, data, counts[runs.group].astype(float), boot_starts)
         if found:
             samples.append(law.to_constants(found[0][0]))
-    ci = {
-        c: [
-            float(np.percentile([s[c] for s in samples], 2.5)),
-            float(np.percentile([s[c] for s in samples], 97.5)),
-        ]
-        if samples
-        else [math.nan, math.nan]
-        for c in law.constants
-    }
+    ci = {c: _ci95([s[c] for s in samples]) for c in law.constants}
 
     held: dict[str, Any] | None = None
     note = None
@@ -946,7 +939,11 @@ def _loss_ci(f: Fit, n: float, d: float, g: float | None) -> list[float]:
     if not f.samples:
         return [math.nan, math.nan]
     vals = np.array([float(f.predict_loss(n, d, g, s)) for s in f.samples])
-    vals = vals[np.isfinite(vals)]
+    return _ci95(vals[np.isfinite(vals)])
+
+
+def _ci95(vals: Sequence[float] | Array) -> list[float]:
+    """The central 95% interval (2.5th and 97.5th percentiles) of `vals`; [nan, nan] when empty."""
     if not len(vals):
         return [math.nan, math.nan]
     return [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
@@ -1157,10 +1154,17 @@ def load_fit(path: str | Path) -> Fit:
     """A fit.json written by `moeforge scaling fit --out`."""
     p = Path(path)
     try:
-        return Fit.from_json(json.loads(p.read_text()))
+        data = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ScalingInputError(f"{p}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise ScalingInputError(f"{p}:{e.lineno}: not JSON: {e.msg}") from None
+    return fit_from_data(data, p)
+
+
+def fit_from_data(data: Any, path: str | Path) -> Fit:
+    """A fit from the parsed contents of the fit.json at `path` (named in errors)."""
+    try:
+        return Fit.from_json(data)
     except (KeyError, TypeError) as e:
-        raise ScalingInputError(f"{p}: not a complete fit.json (missing {e})") from None
+        raise ScalingInputError(f"{path}: not a complete fit.json (missing {e})") from None

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._scaling import Fit, Runs, n_words, optimum_6n
+from ._scaling import Fit, Runs, _loss_ci, n_words, optimum_6n
 
 
 def write_scaling_plots(runs: Runs, fit: Fit, out_dir: str | Path, target: float | None = None) -> list[str]:
@@ -58,12 +58,7 @@ def write_scaling_plots(runs: Runs, fit: Fit, out_dir: str | Path, target: float
 def _configs(runs: Runs) -> list[dict[str, Any]]:
     """One point per configuration: mean and std of its seeds' losses."""
     out = []
-    for gi in range(len(runs.configs)):
-        m = runs.group == gi
-        if not m.any():
-            continue
-        i = int(np.flatnonzero(m)[0])
-        losses = runs.loss[m]
+    for cfg, i, losses in runs.by_config():
         out.append(
             {
                 "n": float(runs.n[i]),
@@ -72,7 +67,7 @@ def _configs(runs: Runs) -> list[dict[str, Any]]:
                 "budget": float(runs.budget[i]),
                 "loss": float(losses.mean()),
                 "std": float(losses.std(ddof=1)) if len(losses) > 1 else 0.0,
-                "label": runs.configs[gi]["label"],
+                "label": cfg["label"],
             }
         )
     return out
@@ -101,17 +96,29 @@ def _by_budget(pts: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
     return out
 
 
-def _isoflop(runs: Runs, fit: Fit) -> tuple[Any, Any]:
+def _budget_figure(runs: Runs) -> tuple[Any, Any, Any, list[tuple[float, list[dict[str, Any]], Any, str]]]:
+    """A figure (matplotlib fig and ax, plotly figure) for one line per budget, and per budget its
+    configurations (`_configs`, by N) with a viridis color and the color's hex."""
     import matplotlib.pyplot as plt
     import plotly.graph_objects as go
+    from matplotlib.colors import to_hex
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     html = go.Figure()
     colors = plt.get_cmap("viridis")
     groups = _by_budget(_configs(runs))
+    budgets = []
     for i, (budget, pts) in enumerate(groups.items()):
         color = colors(i / max(1, len(groups) - 1))
-        hexc = matplotlib_hex(color)
+        budgets.append((budget, pts, color, str(to_hex(color))))
+    return fig, ax, html, budgets
+
+
+def _isoflop(runs: Runs, fit: Fit) -> tuple[Any, Any]:
+    import plotly.graph_objects as go
+
+    fig, ax, html, budgets = _budget_figure(runs)
+    for budget, pts, color, hexc in budgets:
         ax.errorbar(
             [p["n"] for p in pts],
             [p["loss"] for p in pts],
@@ -159,25 +166,13 @@ def _isoflop(runs: Runs, fit: Fit) -> tuple[Any, Any]:
     return fig, html
 
 
-def matplotlib_hex(color: Any) -> str:
-    from matplotlib.colors import to_hex
-
-    return str(to_hex(color))
-
-
 def _loss_vs_g(runs: Runs, fit: Fit) -> tuple[Any, Any]:
     """One line per budget (color) and model size (runs within half an octave of N): the runs' loss against
     G, solid with error bars, and the fit at the same N, D, G, dashed."""
-    import matplotlib.pyplot as plt
     import plotly.graph_objects as go
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    html = go.Figure()
-    colors = plt.get_cmap("viridis")
-    groups = _by_budget(_configs(runs))
-    for i, (budget, pts) in enumerate(groups.items()):
-        color = colors(i / max(1, len(groups) - 1))
-        hexc = matplotlib_hex(color)
+    fig, ax, html, budgets = _budget_figure(runs)
+    for budget, pts, color, hexc in budgets:
         lines: dict[float, list[dict[str, Any]]] = {}
         for p in pts:
             lines.setdefault(round(2 * math.log2(p["n"])) / 2, []).append(p)
@@ -247,9 +242,9 @@ def _extrapolation(runs: Runs, fit: Fit, target: float) -> tuple[Any, Any]:
         n, loss = optimum_6n(fit, float(c), g, flops_per_token=(k, float(s)))
         central.append(loss)
         d = c / (k * n**s)
-        vals = [float(fit.predict_loss(n, d, g, sample)) for sample in fit.samples] or [loss]
-        band_lo.append(float(np.percentile(vals, 2.5)))
-        band_hi.append(float(np.percentile(vals, 97.5)))
+        lo_c, hi_c = _loss_ci(fit, n, d, g) if fit.samples else [loss, loss]
+        band_lo.append(lo_c)
+        band_hi.append(hi_c)
     best = []
     for b in sorted(set(runs.budget.tolist())):
         m = runs.budget == b

@@ -189,18 +189,12 @@ def _clean(obj: Any) -> Any:
 def _config_rows(runs: Any, fit: Any) -> list[dict[str, Any]]:
     """Each configuration at its budget: mean ± std over seeds, whether it is the budget's best or tied
     with it within seed noise (`moeforge.search._seeds.tied`), and the fitted loss."""
-    import numpy as np
-
     from moeforge.search._seeds import seed_stats, tied
 
     rows = []
     by_budget: dict[float, list[dict[str, Any]]] = {}
-    for gi, cfg in enumerate(runs.configs):
-        m = runs.group == gi
-        if not m.any():
-            continue
-        i = int(np.flatnonzero(m)[0])
-        values = [float(v) for v in runs.loss[m]]
+    for cfg, i, losses in runs.by_config():
+        values = [float(v) for v in losses]
         mean, std = seed_stats(values)
         g = float(runs.g[i])
         row = {
@@ -342,16 +336,16 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _load_or_fit(args: argparse.Namespace) -> Any:
-    from moeforge.search._scaling import load_fit
+    from moeforge.search._scaling import fit_from_data
 
     path = Path(args.fit)
     if path.is_file() and path.suffix == ".json":
         try:
-            head = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            head = None
-        if isinstance(head, dict) and "format" in head:
-            return load_fit(path)
+            data = None
+        if isinstance(data, dict) and "format" in data:
+            return fit_from_data(data, path)
     return _fit_source(args.fit, args)[1]
 
 
@@ -382,8 +376,7 @@ def _write_spec(fit: Any, pred: Any, out: str) -> str:
 
     if pred.spec is None:
         raise ScalingInputError("--spec: this prediction realized no spec (a fit without a search spec)")
-    search = fit.search_spec()
-    name = f"{search.name}-optimal-{pred.budget_flops:.0e}".replace("+", "")
+    name = f"{fit.search['name']}-optimal-{pred.budget_flops:.0e}".replace("+", "")
     spec = pred.spec.model_copy(update={"name": name})
     lo, hi = pred.loss_ci
     header = (
