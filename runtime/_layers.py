@@ -334,12 +334,12 @@ class MoE(nn.Module):
         scores_TE = logits_TE.sigmoid() if self.sigmoid else logits_TE.softmax(dim=-1)
         topk_idx_TK = self._choose(scores_TE)
         topk_w_TK = scores_TE.gather(1, topk_idx_TK)  # gate values: unbiased scores of the chosen experts
-        if self.selection_bias is not None and self.training:
-            self.load_E += count_per_expert(topk_idx_TK, self.n_routed).float()
         if self.normalize_topk:
             topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
         topk_w_TK = topk_w_TK * self.routed_scaling
         out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK)  # capacity drops, if any, happen in there
+        if self.selection_bias is not None and self.training:  # the experts counted the choices already
+            self.load_E += self.experts.last_counts_E.float()
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
