@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +71,7 @@ from torch import nn
 from . import _dist
 from ._checkpoint import find_checkpoint, load_checkpoint, load_optimizer, save_checkpoint
 from ._config import TrainConfig
-from ._data import Corpus, DataError
+from ._data import Corpus, _check_fits, _windows
 from ._metrics import LoadTracker
 
 SUMMARY_FILE = "summary.json"
@@ -341,11 +340,7 @@ class _Batches:
 
     def __init__(self, corpus: Corpus, plan: _Plan, seed: int, device: torch.device):
         self.data, self.plan, self.device = corpus.train, plan, device
-        if len(self.data) < plan.seq_len + 1:
-            raise DataError(
-                f"{corpus.name}: the train split has {len(self.data)} tokens, fewer than seq_len + 1 = "
-                f"{plan.seq_len + 1} needed for one sequence; use a shorter seq_len or more data"
-            )
+        _check_fits(corpus.name, "train", len(self.data), plan.seq_len)
         self.gen = torch.Generator().manual_seed(seed)
         self._taken = self.gen.get_state()  # the generator after the last batch taken (checkpointed)
         self._ahead: tuple[int, list, torch.Tensor] | None = None  # (step tokens, batches, state before)
@@ -377,9 +372,9 @@ class _Batches:
         starts = torch.randint(len(self.data) - S, (rows,), generator=self.gen).tolist()
         out = []
         for first, n, length in mine:
-            windows = [self.data[s : s + S + 1] for s in starts[first : first + n]]
-            buf_BT1 = torch.from_numpy(np.stack(windows).astype(np.int64))  # [n, S + 1]
-            x, y = buf_BT1[:, :length].contiguous(), buf_BT1[:, 1 : length + 1].contiguous()
+            x, y = _windows(self.data, starts[first : first + n], S)  # [n, S]
+            if length < S:  # the run's last, shorter step
+                x, y = x[:, :length].contiguous(), y[:, :length].contiguous()
             if self.device.type == "cuda":
                 x, y = x.pin_memory(), y.pin_memory()
             out.append(
