@@ -515,36 +515,40 @@ def load_prepared(path: str | os.PathLike, *, vocab_size: int | None = None) -> 
         raise DataError(f"{meta_path}: not JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != PREPARED_FORMAT:
         raise DataError(f"{meta_path}: not a moeforge dataset (format is not {PREPARED_FORMAT!r})")
-    tok = meta["tokenizer"]
-    need = int(tok["vocab_size"])
-    if vocab_size is not None and vocab_size < need:
-        raise DataError(
-            f"{path}: vocab_size {vocab_size} does not cover the tokenizer's vocabulary of {need} "
-            f"({tok['name']}); use vocab_size {need} or more"
-        )
-    splits = {}
-    for split in ("train", "val"):
-        shards = meta["splits"][split]["shards"]
-        if not shards:
-            raise DataError(f"{path}: the {split} split has no shards")
-        parts = []
-        for shard in shards:
-            arr = read_token_file(path / split / shard["file"])
-            if len(arr) != shard["tokens"]:
-                raise DataError(
-                    f"{path / split / shard['file']}: holds {len(arr)} tokens, meta.json says {shard['tokens']}"
-                )
-            parts.append(arr)
-        splits[split] = parts[0] if len(parts) == 1 else TokenStream(parts)
+    try:  # a meta.json that is JSON but not ours, or edited by hand, is one located line too
+        tok = meta["tokenizer"]
+        need = int(tok["vocab_size"])
+        if vocab_size is not None and vocab_size < need:
+            raise DataError(
+                f"{path}: vocab_size {vocab_size} does not cover the tokenizer's vocabulary of {need} "
+                f"({tok['name']}); use vocab_size {need} or more"
+            )
+        splits = {}
+        for split in ("train", "val"):
+            shards = meta["splits"][split]["shards"]
+            if not shards:
+                raise DataError(f"{path}: the {split} split has no shards")
+            parts = []
+            for shard in shards:
+                arr = read_token_file(path / split / shard["file"])
+                if len(arr) != shard["tokens"]:
+                    raise DataError(
+                        f"{path / split / shard['file']}: holds {len(arr)} tokens, meta.json says {shard['tokens']}"
+                    )
+                parts.append(arr)
+            splits[split] = parts[0] if len(parts) == 1 else TokenStream(parts)
+        bytes_per_token, fingerprint = meta["bytes_per_token"], meta["fingerprint"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{meta_path}: missing or bad field ({type(e).__name__}: {e})") from None
     return Corpus(
         str(path),
         vocab_size or need,
         splits["train"],
         splits["val"],
-        bytes_per_token=meta["bytes_per_token"],
+        bytes_per_token=bytes_per_token,
         min_vocab_size=need,
         tokenizer=tok["name"],
-        prepared_fingerprint=meta["fingerprint"],
+        prepared_fingerprint=fingerprint,
     )
 
 

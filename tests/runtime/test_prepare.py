@@ -257,3 +257,15 @@ def test_killed_prepare_resumes_keeping_finished_shards(tmp_path):
     assert resumed["fingerprint"] == fresh["fingerprint"]
     assert resumed["splits"]["train"]["tokens"] == fresh["splits"]["train"]["tokens"]
     assert not list(out.rglob("*.tmp")) and not state.exists()
+
+
+@pytest.mark.parametrize("field", ["tokenizer", "splits", "bytes_per_token", "fingerprint"])
+def test_a_meta_json_missing_a_field_is_one_data_error(tmp_path, field):
+    src = _text_folder(tmp_path / "src")
+    prepare_data([str(src)], tmp_path / "ds", tokenizer="bytes", val_fraction=0.1, workers=1)
+    meta_path = tmp_path / "ds" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta[field]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"meta.json: missing or bad field \(KeyError: '{field}'\)"):
+        load_corpus(tmp_path / "ds")
