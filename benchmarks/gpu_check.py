@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from moeforge.compiler import account, build, load_spec
 from moeforge.runtime import Experts, FeedForward, MoE
-from moeforge.runtime._experts import grouped_mm_errors, grouped_mm_supported
+from moeforge.runtime._experts import HOST_SYNCS_PER_LAYER, grouped_mm_errors, grouped_mm_supported
 
 # ~100M activated parameters: 12 x (attention 2.4M + (2 shared + top-6) x 3 x 768 x 384 = 7.1M) + embeddings.
 SPEC_100M = [
@@ -185,6 +185,22 @@ def check_experts(rows: list[dict], dev: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- 3. syncs
 
 
+def cuda_sync_messages(step) -> list[str]:
+    """What torch's sync debug mode reports during one call of `step` (after one warm-up call: probes and
+    lazy inits may sync once)."""
+    step()
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
 def check_syncs(rows: list[dict], dev: torch.device) -> None:
     """Host syncs of the MoE layers per training step: the debug model's minus its dense twin's (layers
     outside the MoE may sync inside torch on CUDA, e.g. the embedding's backward)."""
@@ -203,21 +219,11 @@ def check_syncs(rows: list[dict], dev: torch.device) -> None:
                 loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
             loss.backward()
 
-        step()
-        torch.cuda.synchronize()
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
-        return sum("synchroniz" in str(w.message) for w in caught)
+        return len(cuda_sync_messages(step))
 
     n_moe = len(build(load_spec("debug"), device=torch.device("meta")).moe_layers())
     base = count(["moe=null"], "auto")
-    for dispatch, per_layer in (("grouped_mm", 0), ("padded_bmm", 1), ("fused_loop", 1)):
+    for dispatch, per_layer in HOST_SYNCS_PER_LAYER.items():
         where = f"{dev.type} bf16 {dispatch}"
         if dispatch == "grouped_mm" and not grouped_mm_supported(dev, torch.bfloat16):
             _row(rows, "syncs", where, "SKIP", "grouped_mm unsupported or wrong here")

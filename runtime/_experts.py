@@ -37,6 +37,10 @@ Host syncs: none per layer for ``grouped_mm`` (offsets stay on the device); one 
 the kept pairs); counts use no ``torch.bincount`` (which syncs on CUDA). tests/runtime/test_syncs.py counts
 them.
 
+HOST_SYNCS_PER_LAYER = {"grouped_mm": 0, "fused_loop": 1, "padded_bmm": 1} for a dropless training step
+(``loop``, the oracle, syncs once per expert); tests/runtime/test_syncs.py and benchmarks/gpu_check.py
+hold the code to it.
+
 Optional capacity (GShard / Switch Transformer baselines): each expert keeps its first
 ceil(capacity_factor * T * K / E) pairs in token order; the rest contribute 0.
 """
@@ -58,6 +62,10 @@ Dispatch = Literal["auto", "grouped_mm", "padded_bmm", "fused_loop", "loop"]
 DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "padded_bmm", "fused_loop", "loop")
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+HOST_SYNCS_PER_LAYER = {"grouped_mm": 0, "fused_loop": 1, "padded_bmm": 1}
+"""Host syncs of one MoE layer per dropless training step, by dispatch (with a capacity: 1 for each)."""
 
 
 def count_per_expert(idx: torch.Tensor, n: int) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from moeforge.compiler import build, load_spec
+from moeforge.runtime._experts import HOST_SYNCS_PER_LAYER
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -129,8 +129,9 @@ def _model(dispatch: str, overrides: tuple[str, ...] = (), device: str = "cpu"):
 
 
 def _expected(dispatch: str, capacity: bool, n_layers: int, n_experts: int) -> int:
-    per_layer = {"grouped_mm": 1 if capacity else 0, "fused_loop": 1, "padded_bmm": 1, "loop": n_experts}
-    return per_layer[dispatch] * n_layers
+    if dispatch == "loop":  # the oracle: one torch.where per expert
+        return n_experts * n_layers
+    return (1 if capacity else HOST_SYNCS_PER_LAYER[dispatch]) * n_layers
 
 
 @pytest.mark.parametrize("capacity", [False, True], ids=["dropless", "capacity"])
@@ -165,22 +166,13 @@ def test_counter_sees_every_kind_of_sync():
 
 def _cuda_syncs(model, x, y) -> list[str]:
     """Messages of the syncs that set_sync_debug_mode reports in one bf16 training step (after a warmup)."""
+    from benchmarks.gpu_check import cuda_sync_messages
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _step(model, x, y)
 
-    step()  # warm up: probes and lazy inits may sync once
-    torch.cuda.synchronize()
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return cuda_sync_messages(step)
 
 
 @pytest.mark.gpu
