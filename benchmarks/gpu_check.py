@@ -33,8 +33,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 from moeforge.compiler import account, build, load_spec
-from moeforge.runtime import Experts, FeedForward, MoE
-from moeforge.runtime._experts import HOST_SYNCS_PER_LAYER, grouped_mm_errors, grouped_mm_supported
+from moeforge.runtime import (
+    HOST_SYNCS_PER_LAYER,
+    Experts,
+    FeedForward,
+    MoE,
+    grouped_mm_errors,
+    grouped_mm_supported,
+)
 
 # ~100M activated parameters: 12 x (attention 2.4M + (2 shared + top-6) x 3 x 768 x 384 = 7.1M) + embeddings.
 SPEC_100M = [

@@ -19,8 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 from moeforge.compiler import account, build, load_spec
-from moeforge.runtime import TrainConfig, load_corpus
-from moeforge.runtime._train import make_optimizer
+from moeforge.runtime import TrainConfig, load_corpus, make_optimizer
 
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addbmm", "aten::baddbmm", "aten::_grouped_mm")
 ATTENTION_PREFIX = "aten::_scaled_dot_product"

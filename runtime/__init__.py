@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         write_token_file,
     )
     from ._dist import Dist, PeerFailed, init_distributed
-    from ._experts import Experts
+    from ._experts import HOST_SYNCS_PER_LAYER, Experts, grouped_mm_errors, grouped_mm_supported
     from ._layers import (
         Attention,
         Block,
@@ -40,7 +40,17 @@ if TYPE_CHECKING:
     )
     from ._metrics import LoadTracker, load_stats
     from ._prepare import prepare_data
-    from ._train import Diverged, OutOfMemory, Trainer, evaluate, lr_at, planned_tokens, resolve_device, train
+    from ._train import (
+        Diverged,
+        OutOfMemory,
+        Trainer,
+        evaluate,
+        lr_at,
+        make_optimizer,
+        planned_tokens,
+        resolve_device,
+        train,
+    )
 
 # name -> the private module that defines it (all of them import torch)
 _LAZY = {
@@ -63,7 +73,9 @@ _LAZY = {
         "_data",
     ),
     "prepare_data": "_prepare",
-    "Experts": "_experts",
+    **dict.fromkeys(
+        ("Experts", "HOST_SYNCS_PER_LAYER", "grouped_mm_errors", "grouped_mm_supported"), "_experts"
+    ),
     **dict.fromkeys(
         (
             "Attention",
@@ -87,6 +99,7 @@ _LAZY = {
             "Trainer",
             "evaluate",
             "lr_at",
+            "make_optimizer",
             "planned_tokens",
             "resolve_device",
             "train",
@@ -122,6 +135,9 @@ __all__ = [
     "Attention",
     "Block",
     "Experts",
+    "HOST_SYNCS_PER_LAYER",
+    "grouped_mm_errors",
+    "grouped_mm_supported",
     "FeedForward",
     "MLAttention",
     "Yarn",
@@ -146,6 +162,7 @@ __all__ = [
     "TrainConfig",
     "evaluate",
     "lr_at",
+    "make_optimizer",
     "planned_tokens",
     "resolve_device",
     "train",

@@ -27,6 +27,7 @@ class ModelOutput:
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The spec's normalization layer: RMSNorm or LayerNorm over `dim`."""
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
     return nn.LayerNorm(dim, eps=eps)

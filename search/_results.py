@@ -89,6 +89,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
 
 
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial of the study as the record trials.json stores, in trial order."""
     return [trial_record(t) for t in study.get_trials(deepcopy=False)]
 
 
