@@ -49,7 +49,7 @@ def _hf_moe(moe: MoE, dim: int, hidden: int, n_routed: int, n_shared: int, top_k
         norm_topk_prob=False,
         routed_scaling_factor=1.0,
         hidden_act="silu",
-        experts_implementation="eager",  # HF's default per-expert loop, named so it does not warn
+        experts_implementation="eager",  # type: ignore[call-arg]  # HF's default per-expert loop, named so it does not warn
     )
     hf = DeepseekV2Moe(cfg)
     ex, sh = moe.experts, moe.shared
@@ -104,7 +104,7 @@ def run(
     x = torch.randn(B, S, dim, requires_grad=True)
     up = torch.randn(B, S, dim)
 
-    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"moe": moe, "dense": dense}
+    variants: dict[str, nn.Module] = {"moe": moe, "dense": dense}
     hf_mod = _hf_moe(moe, dim, hidden, n_routed, n_shared, top_k) if hf else None
     hf_max_abs_diff = None
     if hf_mod is not None:

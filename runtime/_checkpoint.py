@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -227,11 +227,12 @@ def _gather_sharded(
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = {k: v.contiguous() for k, v in get_model_state_dict(model, options=opts).items()}
+    model_sd = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=opts))
+    full = {k: v.contiguous() for k, v in model_sd.items()}
     tensors: dict[str, torch.Tensor] = {}
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer, options=opts)
+        osd = cast(dict[str, Any], get_optimizer_state_dict(model, optimizer, options=opts))
         for fqn, st in osd.get("state", {}).items():
             for key, value in st.items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
@@ -317,7 +318,7 @@ def _load_sharded_optimizer(
     set_optimizer_state_dict(
         model,
         optimizer,
-        {"state": state, "param_groups": param_groups},  # type: ignore[arg-type]
+        {"state": state, "param_groups": param_groups},  # type: ignore[arg-type, dict-item]
         options=StateDictOptions(full_state_dict=True),
     )
 

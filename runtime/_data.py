@@ -31,7 +31,7 @@ import os
 import sysconfig
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +66,9 @@ class Corpus:
     """"bundled:stdlib" or the path (or pattern) the data came from."""
     vocab_size: int
     """Token ids are in [0, vocab_size)."""
-    train: np.ndarray = field(repr=False)
+    train: np.ndarray | TokenStream = field(repr=False)
     """1-D memmap of uint16 token ids."""
-    val: np.ndarray = field(repr=False)
+    val: np.ndarray | TokenStream = field(repr=False)
     """1-D memmap of uint16 token ids, disjoint from `train`."""
     bytes_per_token: float | None = None
     """Bytes of text per token: 1.0 for byte-level data, None where unknown (token files)."""
@@ -151,7 +151,7 @@ class Corpus:
             _windows(self.val, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)
         ]
 
-    def _split(self, split: str) -> np.ndarray:
+    def _split(self, split: str) -> np.ndarray | TokenStream:
         if split == "train":
             return self.train
         if split == "val":
@@ -169,7 +169,9 @@ def _check_fits(name: str, split: str, n_tokens: int, seq_len: int) -> None:
         )
 
 
-def _windows(data: np.ndarray, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(
+    data: np.ndarray | TokenStream, starts: list[int], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     buf_BT1 = torch.from_numpy(np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int64))
     return buf_BT1[:, :-1].contiguous(), buf_BT1[:, 1:].contiguous()  # x, y: [B, T]
 
@@ -467,7 +469,7 @@ class TokenStream:
     Supports what `Corpus` needs of an array: `len`, `dtype` and slices with step 1 (which may cross files).
     """
 
-    def __init__(self, parts: list[np.ndarray]):
+    def __init__(self, parts: Sequence[np.ndarray]):
         assert parts, "a stream needs at least one part"
         self.parts = parts
         self.starts = np.cumsum([0] + [len(p) for p in parts])  # starts[i] = offset of part i; [-1] = length

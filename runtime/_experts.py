@@ -139,11 +139,11 @@ def grouped_mm_errors(device: torch.device, dtype: torch.dtype, seed: int = 0) -
     x32, w32, g32 = x0.float(), w0.float(), g0.float()
     ref = {"out": torch.zeros(N, Fh), "grad_x": torch.zeros(N, D), "grad_w": torch.zeros(E, Fh, D)}
     s = 0
-    for e, n in enumerate(counts):
+    for g, n in enumerate(counts):
         xe, ge = x32[s : s + n].cpu(), g32[s : s + n].cpu()
-        ref["out"][s : s + n] = xe @ w32[e].cpu().t()
-        ref["grad_x"][s : s + n] = ge @ w32[e].cpu()
-        ref["grad_w"][e] = ge.t() @ xe
+        ref["out"][s : s + n] = xe @ w32[g].cpu().t()
+        ref["grad_x"][s : s + n] = ge @ w32[g].cpu()
+        ref["grad_w"][g] = ge.t() @ xe
         s += n
     for k, r in ref.items():
         res[k] = float((got[k].cpu() - r).abs().max() / r.abs().max())
@@ -445,7 +445,8 @@ def _expert_ranges(kept: list[int], device: torch.device = _CPU) -> list[tuple[i
         or torch._C._len_torch_function_stack() > 0
     ):
         return [(0, E)]
-    ranges, lo, acc = [], 0, 0
+    ranges: list[tuple[int, int]] = []
+    lo, acc = 0, 0
     for e, n in enumerate(kept):
         acc += n
         if len(ranges) < parts - 1 and acc * parts >= total * (len(ranges) + 1) and e + 1 < E:
@@ -583,7 +584,7 @@ class _FusedExperts(torch.autograd.Function):
                     gy = torch.index_select(gout_TD, 0, te, out=gy_CD[:n])  # the combine's backward: a gather
                     a = pre[:, :Fh]
                     sa = act(a, sa_CF[:n])
-                    b = pre[:, Fh:] if glu else None
+                    b = pre[:, Fh:]  # the up projection (empty without a GLU)
                     sb = torch.mul(sa, b, out=sb_CF[:n]) if glu else sa  # hidden activation before the gate
                     torch.mm(gy.t(), torch.mul(sb, ge, out=gh_CF[:n]), out=gw2s[e])  # h = g * sb
                     gh = torch.mm(gy, w2s[e], out=gh_CF[:n])  # dL/dh

@@ -340,6 +340,7 @@ class MoE(nn.Module):
         topk_w_TK = topk_w_TK * self.routed_scaling
         out_TD = self.experts(x_TD, topk_idx_TK, topk_w_TK)  # capacity drops, if any, happen in there
         if self.selection_bias is not None and self.training:  # the experts counted the choices already
+            assert self.experts.last_counts_E is not None  # set by the forward just run
             self.load_E += self.experts.last_counts_E.float()
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

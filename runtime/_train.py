@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -561,7 +561,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # routing counts are per-rank buffers (all-reduced where used): never broadcast from rank 0
-            no_sync = (
+            no_sync: dict[str, Any] = (
                 {"forward_sync_buffers": False}
                 if "forward_sync_buffers" in _parameters_of(DDP)
                 else {"broadcast_buffers": False}  # older torch
@@ -570,7 +570,7 @@ class Trainer:
         try:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         except ImportError:
-            fully_shard = None
+            fully_shard = None  # type: ignore[assignment]
         if fully_shard is None or "ignored_params" not in _parameters_of(fully_shard):
             raise ValueError(
                 f"parallel: fsdp needs torch.distributed.fsdp.fully_shard with ignored_params (torch 2.7 or "
@@ -828,7 +828,12 @@ class Trainer:
         for i, moe in self.tracker.layers:
             n = getattr(moe, "n_routed", None)
             if i in counts or n is not None:
-                yield i, counts.get(i, torch.zeros(n, dtype=torch.int64, device=self.device))
+                yield (
+                    i,
+                    counts[i]
+                    if i in counts
+                    else torch.zeros(cast(int, n), dtype=torch.int64, device=self.device),
+                )
 
     def _window_load(self) -> dict[str, Any]:
         if self.d.world > 1:
