@@ -85,13 +85,21 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """A config from a dict (e.g. a run dir's train_config.json); keys it does not know are dropped.
+        """A config from a dict (e.g. a run dir's train_config.json), every key checked.
+
+        A key this version does not know is an error that names it (a stale key in a run dir is never
+        silently dropped).
 
         Raises:
             ValueError: one line per problem, ``key: what is wrong``.
         """
+        unknown = sorted(set(d) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(
+                "\n".join(f"{k}: unknown training option (known: {', '.join(cls.model_fields)})" for k in unknown)
+            )
         try:
-            return cls(**{k: v for k, v in d.items() if k in cls.model_fields})
+            return cls(**d)
         except ValidationError as e:
             raise ValueError(explain(e)) from None
 

@@ -83,7 +83,9 @@ def test_config_is_one_closed_frozen_model():
     cfg = TrainConfig(steps=1, tokens=None, batch_size=4)
     with pytest.raises(ValueError, match="frozen"):
         cfg.lr = 1.0  # type: ignore[misc]
-    assert TrainConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg  # what a run dir recorded reloads
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # what a run dir recorded reloads
+    with pytest.raises(ValueError, match=r"^stale: unknown training option \(known: .*budget_flops"):
+        TrainConfig.from_dict({**cfg.to_dict(), "stale": 1})  # never silently dropped
     with pytest.raises(ValueError) as e:  # one line per problem, as the CLI prints them
         TrainConfig.from_dict({"steps": 2, "batch_size": 4, "lr": 0, "warmup": 1})
     assert str(e.value).splitlines() == [
