@@ -88,8 +88,8 @@ def shown() -> list[tuple[str, int, str]]:
 
 def test_every_command_shown_runs_in_a_test_or_is_marked_illustrative() -> None:
     unrun = [f"{page}:{line}: {command}" for page, line, command in shown() if command not in RUN_BY]
-    assert not unrun, f"run these in a test (and list them in RUN_BY) or mark the block {MARK}:\n" + "\n".join(
-        unrun
+    assert not unrun, (
+        f"run these in a test (and list them in RUN_BY) or mark the block {MARK}:\n" + "\n".join(unrun)
     )
 
 
@@ -98,7 +98,9 @@ def test_every_listed_command_is_shown_and_its_test_exists() -> None:
     for command, where in RUN_BY.items():
         assert command in commands_shown, f"RUN_BY lists a command no page shows: {command}"
         if where == ".ci/run":
-            assert command in (ROOT / ".ci" / "run").read_text().splitlines(), f".ci/run does not run {command}"
+            assert command in (ROOT / ".ci" / "run").read_text().splitlines(), (
+                f".ci/run does not run {command}"
+            )
             continue
         file, _, function = where.partition("::")
         tree = ast.parse((ROOT / file).read_text())
