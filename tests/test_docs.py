@@ -154,3 +154,8 @@ def test_every_page_is_in_the_nav_and_every_readme_link_exists() -> None:
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text()):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
+
+
+def test_the_api_page_documents_each_public_package() -> None:
+    directives = re.findall(r"^::: (\S+)$", (ROOT / "docs" / "api.md").read_text(), re.M)
+    assert directives == ["moeforge.compiler", "moeforge.runtime", "moeforge.search"]
