@@ -19,19 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moeforge.search._scaling import (
+from moeforge.search import (
     LAWS,
-    LBFGSB_OPTIONS,
     Fit,
     FitFailed,
     Runs,
     ScalingInputError,
-    closed_form_chinchilla,
     fit_law,
     load_runs,
     predict_optimum,
     runs_from_records,
 )
+from moeforge.search._scaling.fit import LBFGSB_OPTIONS
+from moeforge.search._scaling.predict import closed_form_chinchilla
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "scaling" / "trials.json"
 CHINCHILLA = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.35, "beta": 0.37}
@@ -286,7 +286,7 @@ def test_realize_scales_the_best_trial_and_sets_m() -> None:
 def test_a_plot_that_fails_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chinchilla_fit: Fit
 ) -> None:
-    import moeforge.search._scaling_plots as plots
+    import moeforge.search._scaling.plots as plots
 
     def broken(*args: object) -> None:
         raise ValueError("no axes today")
