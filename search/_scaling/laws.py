@@ -143,6 +143,15 @@ LAWS: dict[str, Law] = {
 """The laws by name (`moeforge scaling fit --law NAME`)."""
 
 
+def closed_form_chinchilla(constants: dict[str, float], budget: float) -> tuple[float, float]:
+    """Hoffmann et al.'s compute optimum for C = 6 N D: N* = G (C/6)^(beta/(alpha+beta)) with
+    G = (alpha A / (beta B))^(1/(alpha+beta)), and D* = C / (6 N*)."""
+    a, b, A, B = constants["alpha"], constants["beta"], constants["A"], constants["B"]
+    g = (a * A / (b * B)) ** (1 / (a + b))
+    n = g * (budget / 6) ** (b / (a + b))
+    return n, budget / (6 * n)
+
+
 def default_law(runs: Runs) -> str:
     """krajewski when the runs have two or more granularities, else chinchilla."""
     return "krajewski" if runs.has_g and len(runs.distinct_g()) >= 2 else "chinchilla"

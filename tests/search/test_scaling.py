@@ -31,7 +31,7 @@ from moeforge.search import (
     runs_from_records,
 )
 from moeforge.search._scaling.fit import LBFGSB_OPTIONS
-from moeforge.search._scaling.predict import closed_form_chinchilla
+from moeforge.search._scaling.laws import closed_form_chinchilla
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "scaling" / "trials.json"
 CHINCHILLA = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.35, "beta": 0.37}
