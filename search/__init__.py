@@ -8,10 +8,14 @@ Public API:
     run_search(search, RunConfig(run_dir, ...), evaluate=None) -> summary dict
         evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary; default real training
     report(run_dir, storage, study) -> (SearchSpec, trial records)
+    leaderboard(records), noise_marks(records)       trials best first; best / tied / beyond the seed noise
+    seed_stats(values), tied(best, other), TIE_RULE  the one seed-noise rule every leaderboard uses
 
 Scaling laws (`moeforge scaling`):
     load_runs(source, n_kind) -> Runs               a run dir, trials.json or CSV, one entry per seed
+    n_words(n_kind) -> str                          what N counts, in words
     fit_law(runs, law_name=None, resamples=200) -> Fit   constants, 95% bootstrap intervals, RMSE, holdout
+    load_fit(path), fit_from_data(data, path) -> Fit   a fit.json written by `moeforge scaling fit --out`
     predict_optimum(fit, budget, granularities) -> Prediction   compute-optimal N, D, G and the loss
     realize(search, base_params, size, granularity) -> ModelSpec   a trial's spec at another size and m
     write_scaling_plots(runs, fit, out_dir, target=None) -> plot names (IsoFLOP, loss vs G, residuals, ...)
@@ -22,12 +26,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._seeds import TIE_RULE, seed_stats, tied
 from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
 from ._spec import SearchSpec, load_search, search_schema
 
 if TYPE_CHECKING:
     from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
-    from ._results import leaderboard, trial_record, trial_records, write_results
+    from ._records import trial_record, trial_records
+    from ._results import leaderboard, noise_marks, write_results
     from ._run import (
         Evaluate,
         SearchStop,
@@ -42,46 +48,26 @@ if TYPE_CHECKING:
         real_evaluator,
         run_worker,
     )
-    from ._scaling import (
-        LAWS,
-        Fit,
-        FitFailed,
-        Prediction,
-        Runs,
-        ScalingInputError,
-        fit_law,
-        load_fit,
-        load_runs,
-        predict_optimum,
-        realize,
-        runs_from_records,
-    )
-    from ._scaling_plots import write_scaling_plots
+    from ._scaling.errors import FitFailed, ScalingInputError
+    from ._scaling.fit import Fit, fit_from_data, fit_law, load_fit
+    from ._scaling.laws import LAWS
+    from ._scaling.plots import write_scaling_plots
+    from ._scaling.predict import Prediction, predict_optimum, realize
+    from ._scaling.runs import Runs, load_runs, n_words, runs_from_records
 
 # Names that need Optuna resolve on first use (PEP 562), so loading and validating a search spec
 # (`moeforge validate`) does not pay for importing it.
 _LAZY = {
     **dict.fromkeys(("RunConfig", "auto_workers", "report", "run_one_worker", "run_search"), "_driver"),
-    **dict.fromkeys(("leaderboard", "trial_record", "trial_records", "write_results"), "_results"),
+    **dict.fromkeys(("leaderboard", "noise_marks", "write_results"), "_results"),
+    **dict.fromkeys(("trial_record", "trial_records"), "_records"),
     # numpy and scipy only: `moeforge scaling` on a CSV imports no Optuna
-    **dict.fromkeys(
-        (
-            "LAWS",
-            "Fit",
-            "FitFailed",
-            "Prediction",
-            "Runs",
-            "ScalingInputError",
-            "fit_law",
-            "load_fit",
-            "load_runs",
-            "predict_optimum",
-            "realize",
-            "runs_from_records",
-        ),
-        "_scaling",
-    ),
-    "write_scaling_plots": "_scaling_plots",
+    **dict.fromkeys(("FitFailed", "ScalingInputError"), "_scaling.errors"),
+    **dict.fromkeys(("Fit", "fit_from_data", "fit_law", "load_fit"), "_scaling.fit"),
+    "LAWS": "_scaling.laws",
+    **dict.fromkeys(("Prediction", "predict_optimum", "realize"), "_scaling.predict"),
+    **dict.fromkeys(("Runs", "load_runs", "n_words", "runs_from_records"), "_scaling.runs"),
+    "write_scaling_plots": "_scaling.plots",
     **dict.fromkeys(
         (
             "Evaluate",
@@ -122,6 +108,7 @@ __all__ = [
     "FitFailed",
     "Prediction",
     "Runs",
+    "TIE_RULE",
     "ScalingInputError",
     "Infeasible",
     "RunConfig",
@@ -132,6 +119,7 @@ __all__ = [
     "constraint_values",
     "counted",
     "describe",
+    "fit_from_data",
     "fit_law",
     "auto_workers",
     "data_problem",
@@ -142,6 +130,8 @@ __all__ = [
     "load_runs",
     "load_search",
     "make_sampler",
+    "n_words",
+    "noise_marks",
     "open_storage",
     "open_study",
     "predict_optimum",
@@ -153,8 +143,10 @@ __all__ = [
     "run_worker",
     "runs_from_records",
     "search_schema",
+    "seed_stats",
     "spec_key",
     "suggest",
+    "tied",
     "trial_record",
     "trial_records",
     "trial_to_spec",

@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 
+from ._records import trial_records
 from ._results import write_results
 from ._run import (
     Evaluate,
@@ -33,6 +34,7 @@ from ._run import (
     stored_search,
 )
 from ._spec import SearchSpec
+from ._study import load_study, run_dir_storage
 
 
 @dataclass
@@ -225,33 +227,18 @@ def report(
     run_dir: Path | None, storage: str | None, study_name: str | None, plots: bool = True
 ) -> tuple[SearchSpec, list[dict]]:
     """Load a search's study (from a run dir's run.json, or a storage URL) and rewrite its results."""
-    from ._results import trial_records
-
     if storage is None:
         if run_dir is None:
             raise FileNotFoundError("give a RUN_DIR or --storage URL")
-        info_path = run_dir / "run.json"
-        if not info_path.is_file():
+        if not (run_dir / "run.json").is_file():
             raise FileNotFoundError(f"{run_dir}: not a search run dir (no run.json)")
-        info = json.loads(info_path.read_text())
-        storage = info["storage"]
-        study_name = study_name or info["study"]
-        if not is_rdb(storage) and not Path(storage).is_absolute():
-            storage = str(run_dir / storage)
+        storage, stored_name = run_dir_storage(run_dir)
+        study_name = study_name or stored_name
         if "***" in storage:
             raise FileNotFoundError(
                 f"{run_dir}: the storage URL's password is not stored; give --storage URL"
             )
-    st = storage_for(storage)
-    if study_name is None:
-        names = [s.study_name for s in optuna.get_all_study_summaries(st)]
-        if len(names) != 1:
-            raise FileNotFoundError(f"{redact(storage)} holds studies {names}; give --study NAME")
-        study_name = names[0]
-    try:
-        study = optuna.load_study(study_name=study_name, storage=st)
-    except KeyError:
-        raise FileNotFoundError(f"no study {study_name!r} in {redact(storage)}") from None
+    study = load_study(storage, study_name)
     search = stored_search(study)
     if run_dir is not None:
         write_results(study, search, run_dir, plots=plots)

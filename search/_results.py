@@ -10,87 +10,12 @@ from typing import Any
 
 import optuna
 from moeforge.compiler import ModelSpec, spec_to_yaml
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
+from ._records import RECORD_KEYS, trial_record, trial_records
 from ._run import best_trial, counted
 from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
-
-RECORD_KEYS = (
-    "number",
-    "state",
-    "value",
-    "values",
-    "params",
-    "m",
-    "routed_experts",
-    "shared_experts",
-    "top_k",
-    "expert_hidden",
-    "d_model",
-    "n_layers",
-    "params_total",
-    "params_activated",
-    "params_non_embedding",
-    "params_activated_non_embedding",
-    "size",
-    "forward_flops_per_token",
-    "train_flops",
-    "budget_flops",
-    "tokens",
-    "initial_val_loss",
-    "val_bits_per_byte",
-    "tokens_per_second",
-    "load",
-    "seeds",
-    "seed_values",
-    "value_mean",
-    "value_std",
-    "counted",
-    "infeasible",
-    "reused_from",
-    "retry_of",
-    "fail_reason",
-    "fail_kind",
-    "traceback",
-    "retried",
-    "died",
-    "skipped",
-    "hparams",
-    "spec_key",
-    "trial_dir",
-    "data_fingerprint",
-    "constraints",
-    "worker",
-    "duration_s",
-)
-
-
-def trial_record(t: FrozenTrial) -> dict[str, Any]:
-    """One trial as trials.json writes it (missing numbers are null)."""
-    ua = t.user_attrs
-    rec: dict[str, Any] = {k: ua.get(k) for k in RECORD_KEYS}
-    rec.update(
-        number=t.number,
-        state=t.state.name,
-        value=t.values[0] if t.values else None,
-        values=list(t.values) if t.values else None,
-        params=dict(t.params),
-        counted=bool(counted([t])),  # the same rule as the n_trials cap
-        size=t.params.get("size"),
-        duration_s=t.duration.total_seconds() if t.duration else None,
-    )
-    retry = t.system_attrs.get("failed_trial")
-    if retry is not None and rec["retry_of"] is None:
-        rec["retry_of"] = retry
-    if t.state == TrialState.FAIL and rec["fail_reason"] is None and not rec["skipped"] and not rec["died"]:
-        rec["died"] = "worker died"  # failed by a heartbeat or pid check, not by its own training
-    return rec
-
-
-def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial of the study as the record trials.json stores, in trial order."""
-    return [trial_record(t) for t in study.get_trials(deepcopy=False)]
 
 
 def write_results(
@@ -220,8 +145,11 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
 def _scaling_plots(search: SearchSpec, records: list[dict], out_dir: Path) -> list[str]:
     """A ladder's IsoFLOP profiles, loss against G and residuals under the default law's fit (no
     bootstrap: `moeforge scaling fit` gives the intervals); nothing while the runs are too few to fit."""
-    from ._scaling import FitFailed, ScalingInputError, fit_law, runs_from_records
-    from ._scaling_plots import write_scaling_plots
+    # Imported here, not above: scipy only when a ladder is plotted.
+    from ._scaling.errors import FitFailed, ScalingInputError
+    from ._scaling.fit import fit_law
+    from ._scaling.plots import write_scaling_plots
+    from ._scaling.runs import runs_from_records
 
     try:
         with warnings.catch_warnings():

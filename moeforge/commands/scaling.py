@@ -130,7 +130,7 @@ def _fail(msg: str, code: int) -> int:
 
 def run_fit(args: argparse.Namespace) -> int:
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL
-    from moeforge.search._scaling import FitFailed, ScalingInputError
+    from moeforge.search import FitFailed, ScalingInputError
 
     try:
         runs, fit = _fit_source(args.source, args)
@@ -149,7 +149,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def _fit_source(source: str, args: argparse.Namespace) -> tuple[Any, Any]:
-    from moeforge.search._scaling import ScalingInputError, fit_law, load_runs
+    from moeforge.search import ScalingInputError, fit_law, load_runs
 
     if args.resamples < 0:
         raise ScalingInputError("--resamples must be >= 0")
@@ -167,7 +167,7 @@ def _fit_source(source: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _write_out(out: Path, runs: Any, fit: Any, target: float | None) -> list[str]:
-    from moeforge.search._scaling_plots import write_scaling_plots
+    from moeforge.search import write_scaling_plots
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "fit.json").write_text(json.dumps(_clean(fit.to_json()), indent=2) + "\n")
@@ -188,8 +188,8 @@ def _clean(obj: Any) -> Any:
 
 def _config_rows(runs: Any, fit: Any) -> list[dict[str, Any]]:
     """Each configuration at its budget: mean ± std over seeds, whether it is the budget's best or tied
-    with it within seed noise (`moeforge.search._seeds.tied`), and the fitted loss."""
-    from moeforge.search._seeds import seed_stats, tied
+    with it within seed noise (`moeforge.search.tied`), and the fitted loss."""
+    from moeforge.search import seed_stats, tied
 
     rows = []
     by_budget: dict[float, list[dict[str, Any]]] = {}
@@ -230,8 +230,7 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
     from rich.table import Table
 
     from moeforge._format import count
-    from moeforge.search._scaling import n_words
-    from moeforge.search._seeds import TIE_RULE
+    from moeforge.search import TIE_RULE, n_words
 
     con = console()
     law = fit.law_obj
@@ -318,7 +317,7 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL
-    from moeforge.search._scaling import FitFailed, ScalingInputError
+    from moeforge.search import FitFailed, ScalingInputError
 
     try:
         fit = _load_or_fit(args)
@@ -336,7 +335,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _load_or_fit(args: argparse.Namespace) -> Any:
-    from moeforge.search._scaling import fit_from_data
+    from moeforge.search import fit_from_data
 
     path = Path(args.fit)
     if path.is_file() and path.suffix == ".json":
@@ -350,7 +349,7 @@ def _load_or_fit(args: argparse.Namespace) -> Any:
 
 
 def _predict(fit: Any, args: argparse.Namespace) -> Any:
-    from moeforge.search._scaling import ScalingInputError, predict_optimum
+    from moeforge.search import ScalingInputError, predict_optimum
 
     try:
         gs = [float(x) for x in args.granularities.split(",") if x.strip()]
@@ -372,7 +371,7 @@ def _predict(fit: Any, args: argparse.Namespace) -> Any:
 
 def _write_spec(fit: Any, pred: Any, out: str) -> str:
     from moeforge.compiler import load_spec, spec_to_yaml
-    from moeforge.search._scaling import ScalingInputError, n_words
+    from moeforge.search import ScalingInputError, n_words
 
     if pred.spec is None:
         raise ScalingInputError("--spec: this prediction realized no spec (a fit without a search spec)")
@@ -398,7 +397,7 @@ def _render_prediction(fit: Any, pred: Any, written: str | None) -> None:
     from rich.table import Table
 
     from moeforge._format import count
-    from moeforge.search._scaling import n_words
+    from moeforge.search import n_words
 
     con = console()
     lo, hi = pred.loss_ci

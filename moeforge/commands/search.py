@@ -196,9 +196,7 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
     from rich.text import Text
 
     from moeforge._format import count
-    from moeforge.search import leaderboard
-    from moeforge.search._results import noise_marks
-    from moeforge.search._seeds import TIE_RULE
+    from moeforge.search import TIE_RULE, leaderboard, noise_marks
 
     con = con or console()
     names = list(dict.fromkeys(k for r in records for k in r["params"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moeforge.search._scaling import LBFGSB_OPTIONS
+from moeforge.search._scaling.fit import LBFGSB_OPTIONS
 
 from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL, main
 
@@ -108,8 +108,7 @@ def test_fit_table_marks_ties_and_published_values(capsys: pytest.CaptureFixture
 
 def test_predict_spec_realizes_the_optimum(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from moeforge.compiler import account, load_spec
-    from moeforge.search import load_search
-    from moeforge.search._scaling import fit_law, runs_from_records
+    from moeforge.search import fit_law, load_search, runs_from_records
 
     yaml = tmp_path / "ladder.yaml"
     yaml.write_text(

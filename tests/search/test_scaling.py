@@ -19,19 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moeforge.search._scaling import (
+from moeforge.search import (
     LAWS,
-    LBFGSB_OPTIONS,
     Fit,
     FitFailed,
     Runs,
     ScalingInputError,
-    closed_form_chinchilla,
     fit_law,
     load_runs,
     predict_optimum,
     runs_from_records,
 )
+from moeforge.search._scaling.fit import LBFGSB_OPTIONS
+from moeforge.search._scaling.laws import closed_form_chinchilla
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "scaling" / "trials.json"
 CHINCHILLA = {"E": 1.82, "A": 482.0, "B": 2085.0, "alpha": 0.35, "beta": 0.37}
@@ -286,7 +286,7 @@ def test_realize_scales_the_best_trial_and_sets_m() -> None:
 def test_a_plot_that_fails_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chinchilla_fit: Fit
 ) -> None:
-    import moeforge.search._scaling_plots as plots
+    import moeforge.search._scaling.plots as plots
 
     def broken(*args: object) -> None:
         raise ValueError("no axes today")
@@ -297,3 +297,35 @@ def test_a_plot_that_fails_is_skipped(
     assert plots.write_scaling_plots(runs, chinchilla_fit, tmp_path) == []
     assert (tmp_path / "isoflop.error.txt").read_text() == "ValueError: no axes today\n"
     assert (tmp_path / "residuals.error.txt").is_file() and not list(tmp_path.glob("*.png"))
+
+
+def test_a_run_dir_is_read_through_its_study_and_left_as_it_was(make_search, tmp_path: Path) -> None:
+    from fakes import fake_evaluator
+    from moeforge.search import RunConfig, run_search
+
+    s = make_search("  granularity: [1, 2]\n  size: [0.5, 1]", budget="[1.0e+9, 3.0e+9]", n_trials=100)
+    run_dir = tmp_path / "run"
+    run_search(s, RunConfig(run_dir, plots=False), evaluate=fake_evaluator(0))
+    (run_dir / "trials.json").unlink()  # the study alone is enough
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    runs = load_runs(run_dir)
+    assert runs.search is not None and runs.search.name == s.name  # what predict realizes specs from
+    assert len(runs) == 8 and runs.budgets() == [1e9, 3e9] and runs.distinct_g() == [1, 2]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing rewritten
+
+
+def test_fitting_a_csv_imports_no_optuna(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    runs = synthetic("chinchilla", CHINCHILLA, (1e17, 1e18), sizes=4)
+    path = tmp_path / "runs.csv"
+    rows = zip(runs.n, runs.d, runs.loss, strict=True)
+    path.write_text("params,tokens,loss\n" + "".join(f"{n},{d},{loss}\n" for n, d, loss in rows))
+    code = (
+        "import sys\nfrom moeforge.search import fit_law, load_runs\n"
+        "fit_law(load_runs(sys.argv[1]), 'chinchilla', resamples=0, holdout=False)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optuna'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

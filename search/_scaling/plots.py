@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ._scaling import Fit, Runs, _loss_ci, n_words, optimum_6n
+from .fit import Fit, loss_ci95
+from .predict import optimum_6n
+from .runs import Runs, n_words
 
 
 def write_scaling_plots(runs: Runs, fit: Fit, out_dir: str | Path, target: float | None = None) -> list[str]:
@@ -242,7 +244,7 @@ def _extrapolation(runs: Runs, fit: Fit, target: float) -> tuple[Any, Any]:
         n, loss = optimum_6n(fit, float(c), g, flops_per_token=(k, float(s)))
         central.append(loss)
         d = c / (k * n**s)
-        lo_c, hi_c = _loss_ci(fit, n, d, g) if fit.samples else [loss, loss]
+        lo_c, hi_c = loss_ci95(fit, n, d, g) if fit.samples else [loss, loss]
         band_lo.append(lo_c)
         band_hi.append(hi_c)
     best = []
