@@ -180,3 +180,10 @@ def test_no_private_name_crosses_a_package_boundary(package: str) -> None:
             if any(part.startswith("_") and not part.endswith("__") for part in inside):
                 offenders.append(f"{path.relative_to(ROOT)}:{line}: {full}")
     assert not offenders, "use the names the package's __init__ re-exports:\n" + "\n".join(offenders)
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {m for m, p in MODULES.items() if p.name == "__init__.py" and not m.startswith("benchmarks")}
+    assert folders <= packages, f"add to pyproject's [tool.setuptools] packages: {sorted(folders - packages)}"
