@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._config import TrainConfig
+from ._config import MIN_STEPS, TrainConfig, budget_floor, budget_problem, min_steps
 
 if TYPE_CHECKING:
     from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -110,6 +110,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "MIN_STEPS",
+    "budget_floor",
+    "budget_problem",
+    "min_steps",
     "Corpus",
     "DataError",
     "default_cache_dir",

@@ -184,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         OutOfMemory,
         PeerFailed,
         TrainConfig,
+        budget_problem,
         check_shapes,
         init_distributed,
         load_corpus,
@@ -250,8 +251,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.from_dict(cfg_dict)
         device = resolve_device(cfg.device)
+        # a budget too small to train (see runtime MIN_STEPS) is refused before anything is built
+        too_small = (
+            budget_problem(cfg, spec.seq_len, account(spec).train_flops_per_token)
+            if any(k in given for k in _BUDGET_FLAGS)
+            else None
+        )
     except ValueError as e:
         return fail(str(e), EXIT_BAD_INPUT)
+    if too_small:
+        flag = "--budget-flops" if cfg.budget_flops is not None else "--tokens"
+        return fail(f"{flag} {too_small}", EXIT_BAD_INPUT)
     d = init_distributed(cfg.device)
     stop_on_sigterm(d)
     out = Path(str(d.broadcast(str(out))))  # rank 0's name (a default name holds the time)
