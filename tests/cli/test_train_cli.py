@@ -118,3 +118,49 @@ def test_bad_data_exits_1_with_one_line(tmp_path, capsys):
 def test_bad_input_exits_2(argv, capsys):
     assert main(argv) == EXIT_BAD_INPUT
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------- budget floor
+@pytest.fixture
+def floor(monkeypatch):
+    """The budget floor users get (the suite lifts it in tests/conftest.py)."""
+    monkeypatch.delenv("MOEFORGE_MIN_STEPS", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "smallest"),
+    [
+        # debug: 718,848 training FLOPs per token; 20 steps x 16 x 128 tokens = 40,960 tokens = 2.944e10
+        ("--budget-flops", "1e6", "2.95e+10"),
+        ("--budget-flops", "1", "2.95e+10"),
+        ("--tokens", "40959", "40,960"),
+    ],
+)
+def test_train_refuses_a_budget_too_small_to_train(tmp_path, capsys, floor, flag, value, smallest):
+    out = tmp_path / "r"
+    assert main(["train", "debug", flag, value, "--out", str(out), "--device", "cpu"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"moeforge train: {flag} ")
+    assert "20 optimizer steps of 16 x 128" in err and err.endswith(
+        f"the smallest budget that trains them is {smallest}"
+    )
+    assert not out.exists()  # nothing was built or written
+
+
+def test_train_budget_floor_follows_the_batch(tmp_path, capsys, floor, monkeypatch):
+    """The floor is in steps of the run's own batch: --batch-size 4 needs 20 x 4 x 128 tokens."""
+    argv = ["train", "debug", "--tokens", "10239", "--batch-size", "4", "--out", str(tmp_path / "r")]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "smallest budget that trains them is 10,240" in capsys.readouterr().err
+    monkeypatch.setenv("MOEFORGE_MIN_STEPS", "x")
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "$MOEFORGE_MIN_STEPS: 'x'" in capsys.readouterr().err
+
+
+def test_search_below_the_floor_exits_2_without_training(tmp_path, capsys, floor):
+    out = tmp_path / "s"
+    assert main(["search", "quickstart", "--budget-flops", "1e6", "--out", str(out)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "every candidate of 'quickstart' would train too few steps" in err
+    assert "smallest budget that trains them is" in err
+    assert not out.exists()
