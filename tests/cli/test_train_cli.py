@@ -164,3 +164,16 @@ def test_search_below_the_floor_exits_2_without_training(tmp_path, capsys, floor
     assert len(err.splitlines()) == 1 and "every candidate of 'quickstart' would train too few steps" in err
     assert "smallest budget that trains them is" in err
     assert not out.exists()
+
+
+def test_report_says_a_budget_is_below_the_floor(capsys, floor):
+    argv = ["report", "debug", "--data", "bundled", "--budget-flops", "1e6"]
+    assert main([*argv, "--json"]) == 0
+    why = json.loads(capsys.readouterr().out)["data"]["budget_too_small"]
+    assert why.endswith("the smallest budget that trains them is 2.95e+10")
+    assert main(argv) == 0
+    assert (
+        f"budget too small to train (at the default batch): --budget-flops {why}" in capsys.readouterr().out
+    )
+    assert main(["report", "debug", "--data", "bundled", "--budget-flops", "3e10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["budget_too_small"] is None
