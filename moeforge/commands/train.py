@@ -294,7 +294,7 @@ def _run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             (out / SPEC_FILE).write_text(spec_to_yaml(spec))
-        config = {"config": cfg.to_dict(), "data": data}
+        config = {"config": cfg.to_dict(), **data_record(data, corpus)}
         (out / TRAIN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     try:
         summary = train(
@@ -335,6 +335,19 @@ def _run(args: argparse.Namespace) -> int:
     else:
         render(summary)
     return 0
+
+
+def data_record(data: str | None, corpus) -> dict[str, Any]:
+    """What train_config.json records of the data, so `eval` of the run dir finds it again: ``data`` as
+    given (None: the bundled corpus), ``data_path`` absolute (the run may be evaluated from another folder),
+    the corpus's name and fingerprint (equal exactly when the tokens of both splits are)."""
+    bundled = data is None or data in ("bundled", "bundled:stdlib")
+    return {
+        "data": data,
+        "data_path": None if bundled else os.path.abspath(os.path.expanduser(data)),
+        "corpus": corpus.name,
+        "data_fingerprint": corpus.fingerprint,
+    }
 
 
 def data_line(corpus, params: int, planned: int | None) -> str:

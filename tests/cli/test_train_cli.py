@@ -177,3 +177,41 @@ def test_report_says_a_budget_is_below_the_floor(capsys, floor):
     )
     assert main(["report", "debug", "--data", "bundled", "--budget-flops", "3e10", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["budget_too_small"] is None
+
+
+# ------------------------------------------------------------------------------- eval of a run dir's data
+def test_eval_of_a_run_dir_uses_the_data_it_trained_on(tmp_path, capsys, monkeypatch):
+    """A run trained on a prepared dataset is evaluated there, from any folder; another --data is said in
+    one line and used."""
+    src = tmp_path / "src"
+    src.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    for i in range(60):
+        (src / f"{i:02d}.txt").write_text(" ".join(words[(i * j) % len(words)] for j in range(120)) + "\n")
+    data = tmp_path / "ds"
+    assert main(["data", "prepare", str(src), "--out", str(data), "--workers", "1", "--json"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # the run records "ds" relative; eval runs from elsewhere below
+    run = tmp_path / "run"
+    argv = ["train", "debug", "--steps", "2", "--data", "ds", "--out", str(run), "--json", *FAST]
+    assert main(argv) == 0
+    s = _json_out(capsys)
+    monkeypatch.chdir(src)
+    ev_argv = ["eval", str(run), "--checkpoint", str(run), "--device", "cpu", "--eval-tokens", "1024"]
+    assert main([*ev_argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    ev = json.loads(captured.out)
+    assert captured.err == ""  # the run's own data: nothing to say
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert recorded["data"] == "ds" and recorded["data_path"] == str(data)
+    assert ev["run_data"] is True and ev["data_fingerprint"] == recorded["data_fingerprint"]
+    assert ev["val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-5)
+
+    # elsewhere on purpose: one note, and the value of that data
+    assert main([*ev_argv, "--data", "bundled", "--json"]) == 0
+    captured = capsys.readouterr()
+    other = json.loads(captured.out)
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moeforge eval: note: evaluating on bundled:stdlib")
+    assert f"not the data {run} trained on" in err
+    assert other["run_data"] is False and other["val_loss"] != pytest.approx(ev["val_loss"], rel=1e-3)
