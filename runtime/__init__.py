@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         write_token_file,
     )
     from ._dist import Dist, PeerFailed, init_distributed
+    from ._environment import environment
     from ._experts import Experts
     from ._layers import (
         Attention,
@@ -63,6 +64,7 @@ _LAZY = {
         "_data",
     ),
     "prepare_data": "_prepare",
+    "environment": "_environment",
     "Experts": "_experts",
     **dict.fromkeys(
         (
@@ -110,6 +112,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "environment",
     "MIN_STEPS",
     "budget_floor",
     "budget_problem",

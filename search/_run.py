@@ -948,6 +948,7 @@ def _train_trial(
         "final_val_loss",
         "val_bits_per_byte",
         "tokens_per_second",
+        "environment",  # what makes the numbers comparable across machines (runtime/_environment.py)
     ):
         if k in s0:
             trial.set_user_attr(k, s0[k])
