@@ -344,7 +344,7 @@ def data_record(data: str | None, corpus) -> dict[str, Any]:
     bundled = data is None or data in ("bundled", "bundled:stdlib")
     return {
         "data": data,
-        "data_path": None if bundled else os.path.abspath(os.path.expanduser(data)),
+        "data_path": None if data is None or bundled else os.path.abspath(os.path.expanduser(data)),
         "corpus": corpus.name,
         "data_fingerprint": corpus.fingerprint,
     }
