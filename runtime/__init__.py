@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._config import TrainConfig
+from ._config import MIN_STEPS, TrainConfig, budget_floor, budget_problem, min_steps
 
 if TYPE_CHECKING:
     from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         write_token_file,
     )
     from ._dist import Dist, PeerFailed, init_distributed
+    from ._environment import environment
     from ._experts import HOST_SYNCS_PER_LAYER, Experts, grouped_mm_errors, grouped_mm_supported
     from ._layers import (
         Attention,
@@ -73,6 +74,7 @@ _LAZY = {
         "_data",
     ),
     "prepare_data": "_prepare",
+    "environment": "_environment",
     **dict.fromkeys(
         ("Experts", "HOST_SYNCS_PER_LAYER", "grouped_mm_errors", "grouped_mm_supported"), "_experts"
     ),
@@ -123,6 +125,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "environment",
+    "MIN_STEPS",
+    "budget_floor",
+    "budget_problem",
+    "min_steps",
     "Corpus",
     "DataError",
     "default_cache_dir",

@@ -12,6 +12,8 @@ int); the search validates ``train.options`` strictly, as it does the rest of a 
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -114,3 +116,67 @@ def explain(e: ValidationError) -> str:
             msg += f" (got {err['input']!r})"
         lines.append(f"{key}: {msg}" if key else msg)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- the budget floor
+MIN_STEPS = 20
+"""The fewest optimizer steps of a full batch a token or FLOP budget must buy. The schedule warms up
+linearly over the first `warmup` of the run (5%) and sets the rate after each step from the fraction then
+done, so below 1/warmup steps (20) no step is a warmup step: the first one already runs at the peak rate.
+20 full steps give the warmup one step and the decay 19, the least that is still a training run."""
+MIN_STEPS_ENV = "MOEFORGE_MIN_STEPS"
+"""Overrides MIN_STEPS (0 turns the floor off): for smoke tests that train a few steps on purpose."""
+
+
+def min_steps(cfg: TrainConfig) -> int:
+    """Full-batch optimizer steps a budget must buy: MIN_STEPS (or $MOEFORGE_MIN_STEPS), and at least
+    1/warmup so the warmup gets a step of its own."""
+    env = os.environ.get(MIN_STEPS_ENV, "").strip()
+    if env:
+        try:
+            base = int(env)
+        except ValueError:
+            raise ValueError(f"${MIN_STEPS_ENV}: {env!r} is not a whole number of steps") from None
+        if base <= 0:
+            return 0
+    else:
+        base = MIN_STEPS
+    return max(base, math.ceil(round(1 / cfg.warmup, 9))) if cfg.warmup > 0 else base
+
+
+def budget_floor(cfg: TrainConfig, seq_len: int, train_flops_per_token: int) -> tuple[int, float]:
+    """The smallest budget that trains `min_steps(cfg)` full batches: (tokens, training FLOPs)."""
+    tokens = min_steps(cfg) * cfg.batch_size * seq_len
+    return tokens, float(tokens * train_flops_per_token)
+
+
+def round_up(x: float, digits: int = 3) -> float:
+    """`x` rounded up to `digits` significant digits (a floor printed rounded down would not work)."""
+    if x <= 0:
+        return x
+    scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / scale - 1e-9) * scale
+
+
+def budget_problem(cfg: TrainConfig, seq_len: int, train_flops_per_token: int) -> str | None:
+    """Why `cfg`'s token or FLOP budget is too small to train (see MIN_STEPS), naming the smallest budget
+    that works, in the unit it was given; None when it is large enough, or given in steps or time only.
+
+    The words fit after ``--budget-flops`` or ``budget_flops`` (or tokens): "2.5e+06 trains ...".
+    """
+    if cfg.budget_flops is not None:
+        planned, given = int(cfg.budget_flops // train_flops_per_token), f"{cfg.budget_flops:g}"
+    elif cfg.tokens is not None:
+        planned, given = int(cfg.tokens), f"{cfg.tokens:,}"
+    else:
+        return None
+    n = min_steps(cfg)
+    need_tokens, need_flops = budget_floor(cfg, seq_len, train_flops_per_token)
+    if planned >= need_tokens:
+        return None
+    need = f"{round_up(need_flops):.3g}" if cfg.budget_flops is not None else f"{need_tokens:,}"
+    return (
+        f"{given} trains {planned:,} token{'s' * (planned != 1)}, fewer than the {n} optimizer steps of "
+        f"{cfg.batch_size} x {seq_len} tokens ({need_tokens:,}) a run needs for its warmup and decay; "
+        f"the smallest budget that trains them is {need}"
+    )

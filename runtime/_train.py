@@ -72,6 +72,7 @@ from . import _dist
 from ._checkpoint import find_checkpoint, load_checkpoint, load_optimizer, save_checkpoint
 from ._config import TrainConfig
 from ._data import Corpus, _check_fits, _windows
+from ._environment import environment
 from ._metrics import LoadTracker
 
 SUMMARY_FILE = "summary.json"
@@ -908,6 +909,7 @@ class Trainer:
             "wall_s": round(self.wall(), 3),
             "train_s": round(st.train_s, 3),
             "device": str(self.device),
+            "environment": environment(self.device),
             "processes": self.d.world,
             "seq_len": self.seq_len,
             "params": sum(p.numel() for p in dict.fromkeys(self.model.parameters())),

@@ -33,6 +33,7 @@ from ._run import (
     run_worker,
     stored_search,
 )
+from ._space import check_budgets
 from ._spec import SearchSpec
 from ._study import load_study, run_dir_storage
 
@@ -97,7 +98,9 @@ def run_search(
 
     Raises:
         SearchStop: the storage, the study or the data cannot be used (one line for the user).
+        BudgetTooSmall: every candidate trains too few steps at its budget (a ValueError).
     """
+    check_budgets(search)  # every candidate below the budget floor: stop before anything is made
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     url = cfg.storage or default_storage(run_dir)

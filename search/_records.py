@@ -54,6 +54,7 @@ RECORD_KEYS = (
     "spec_key",
     "trial_dir",
     "data_fingerprint",
+    "environment",
     "constraints",
     "worker",
     "duration_s",

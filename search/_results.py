@@ -31,6 +31,7 @@ def write_results(
         spec = ModelSpec.model_validate(best.user_attrs["spec"])
         spec = spec.model_copy(update={"name": f"{search.name}-best"})
         header = f"Best of search {search.name!r}: {evidence(search, records, best.number)}"
+        header += comparable_on(trial_record(best))
         (run_dir / "best.yaml").write_text(spec_to_yaml(spec, header=header))
     made = write_plots(study, search, run_dir, records) if plots else []
     return {
@@ -49,9 +50,30 @@ def write_results(
     }
 
 
+def comparable_on(rec: dict[str, Any]) -> str:
+    """best.yaml's line on what its numbers are comparable with: the environment the trial trained in and
+    its data (runtime/_environment.py says why the last digits differ across machines)."""
+    env, data = rec.get("environment"), rec.get("data_fingerprint")
+    if not env and not data:
+        return ""
+    parts = (
+        [f"moeforge {env['moeforge']}, torch {env['torch']}, {env['device']}, {env['threads']} threads"]
+        if env
+        else []
+    )
+    if data:
+        parts.append(f"data fingerprint {data}")
+    return (
+        "\nTrained with "
+        + "; ".join(parts)
+        + ". Losses agree to the last digit on the same environment and data;"
+        " elsewhere the last digits differ (CPU and GPU kernels add in another order)."
+    )
+
+
 def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
     param_names = sorted({k for r in records for k in r["params"]})
-    cols = [k for k in RECORD_KEYS if k not in ("params", "values", "load", "constraints")]
+    cols = [k for k in RECORD_KEYS if k not in ("params", "values", "load", "constraints", "environment")]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols[:4] + [f"param:{p}" for p in param_names] + cols[4:] + ["load"])

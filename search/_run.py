@@ -53,6 +53,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ._space import (
     Infeasible,
+    budget_problem,
     constraint_values,
     describe,
     grid_space,
@@ -689,6 +690,9 @@ def _run_trial(
         return infeasible(f"does not fit the data: {data_why}", cons)
     if any(c > 0 for c in limits):
         return infeasible(_violations(search, limits), cons)
+    too_small = budget_problem(search, spec, budget)
+    if too_small:  # trains too few steps to be a run: a proposal that cannot run, as an invalid spec
+        return infeasible(too_small, [1.0, *cons[1:]])
     _constrain(trial, search, cons)
     if opts.corpus is not None:
         trial.set_user_attr("data_fingerprint", opts.corpus.fingerprint)
@@ -944,6 +948,7 @@ def _train_trial(
         "final_val_loss",
         "val_bits_per_byte",
         "tokens_per_second",
+        "environment",  # what makes the numbers comparable across machines (runtime/_environment.py)
     ):
         if k in s0:
             trial.set_user_attr(k, s0[k])

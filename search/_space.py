@@ -10,7 +10,7 @@ from typing import Any
 from moeforge.compiler import ModelSpec, account, memory
 from pydantic import ValidationError
 
-from ._spec import CategoricalParam, FloatParam, IntParam, SearchSpec
+from ._spec import CategoricalParam, FloatParam, IntParam, SearchSpec, hparams, train_config
 
 
 class Infeasible(Exception):
@@ -249,6 +249,74 @@ def scale_spec(spec: ModelSpec, data: dict, target: float, tolerance: float, mul
             f"size={factor:.3g}: no shape reaches {target:,.0f} parameters within {tolerance:.0%} ({miss_s})"
         )
     return _validated(best[2])
+
+
+# ---------------------------------------------------------------------------------------- budget floor
+class BudgetTooSmall(ValueError):
+    """Every candidate of a search is below the budget floor (runtime MIN_STEPS): nothing would train."""
+
+
+MAX_PREFLIGHT = 4096
+"""`check_budgets` enumerates a space of at most this many points (categorical, int, stepped floats)."""
+
+
+def budget_problem(search: SearchSpec, spec: ModelSpec, budget: float) -> str | None:
+    """Why `spec` at `budget` trains too few optimizer steps (runtime `budget_problem`, with the batch this
+    trial would use), or None."""
+    from moeforge.runtime import budget_problem as too_small
+
+    fpt = account(spec).train_flops_per_token
+    rule = hparams(search, budget, spec.seq_len, int(budget // fpt))
+    cfg = train_config(search, budget_flops=budget, seed=search.seeds[0], device="cpu", rule=rule)
+    why = too_small(cfg, spec.seq_len, fpt)
+    return f"budget too small: train_flops {why}" if why else None
+
+
+def check_budgets(search: SearchSpec) -> None:
+    """Refuse a search whose every candidate is below the budget floor, before anything trains.
+
+    Only a space that can be enumerated (see MAX_PREFLIGHT) is checked; in any other, each proposal below
+    the floor is infeasible on its own.
+
+    Raises:
+        BudgetTooSmall: naming the smallest budget at which some candidate would train.
+    """
+    try:
+        grid = grid_space(search)
+    except AssertionError:  # a float range without a step
+        return
+    if math.prod(len(v) for v in grid.values()) > MAX_PREFLIGHT:
+        return
+    import itertools
+
+    cheapest: tuple[float, dict[str, Any], str] | None = None
+    for point in itertools.product(*grid.values()):
+        params = dict(zip(grid, point, strict=True))
+        try:
+            spec = trial_to_spec(search, params)
+        except Infeasible:
+            continue
+        budget = trial_budget(search, params)
+        why = budget_problem(search, spec, budget)
+        if why is None:
+            return
+        floor = _floor(search, spec, budget)
+        if cheapest is None or floor < cheapest[0]:
+            cheapest = (floor, params, why)
+    if cheapest is not None:
+        label = ", ".join(f"{k}={v}" for k, v in cheapest[1].items())
+        raise BudgetTooSmall(
+            f"every candidate of {search.name!r} would train too few steps; the cheapest ({label}): {cheapest[2]}"
+        )
+
+
+def _floor(search: SearchSpec, spec: ModelSpec, budget: float) -> float:
+    from moeforge.runtime import budget_floor
+
+    fpt = account(spec).train_flops_per_token
+    rule = hparams(search, budget, spec.seq_len, int(budget // fpt))
+    cfg = train_config(search, budget_flops=budget, seed=search.seeds[0], device="cpu", rule=rule)
+    return budget_floor(cfg, spec.seq_len, fpt)[1]
 
 
 # ---------------------------------------------------------------------------------------- constraints

@@ -25,3 +25,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(autouse=True)
+def _few_steps_allowed(monkeypatch):
+    """The suite trains runs of a few steps for speed, below the budget floor users get (runtime MIN_STEPS,
+    20 full batches); MOEFORGE_MIN_STEPS=0 lifts it here and in every process a test starts. Tests of the
+    floor itself remove the variable (``monkeypatch.delenv("MOEFORGE_MIN_STEPS")``)."""
+    monkeypatch.setenv("MOEFORGE_MIN_STEPS", "0")

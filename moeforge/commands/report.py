@@ -82,12 +82,16 @@ def run(args: argparse.Namespace) -> int:
         acc = rep["params"]["total"]
         planned = int(args.budget_flops // rep["flops"]["train_per_token"]) if args.budget_flops else None
         line = data_line(corpus, acc, planned)
+        too_small = _too_small(args.budget_flops, spec.seq_len, rep["flops"]["train_per_token"])
+        if too_small:  # the words `moeforge train` would refuse it with
+            line += f"\nbudget too small to train (at the default batch): --budget-flops {too_small}"
         rep["data"] = {
             "name": corpus.name,
             "train_tokens": len(corpus.train),
             "tokens_per_param": len(corpus.train) / acc,
             "budget_tokens": planned,
             "epochs": planned / len(corpus.train) if planned is not None else None,
+            "budget_too_small": too_small,
         }
     if args.json:
         print_json(rep)
@@ -96,6 +100,18 @@ def run(args: argparse.Namespace) -> int:
         if line:
             print(line)
     return 0
+
+
+def _too_small(budget_flops: float | None, seq_len: int, train_flops_per_token: int) -> str | None:
+    """Why `moeforge train` (at its default batch) would refuse this budget (runtime MIN_STEPS), or None."""
+    from moeforge.runtime import TrainConfig, budget_problem
+
+    if budget_flops is None:
+        return None
+    try:
+        return budget_problem(TrainConfig(budget_flops=budget_flops), seq_len, train_flops_per_token)
+    except ValueError:  # a budget TrainConfig refuses (nan, negative) is the flag check's to report
+        return None
 
 
 def render(rep: dict[str, Any], by: str = "component") -> None:

@@ -184,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         OutOfMemory,
         PeerFailed,
         TrainConfig,
+        budget_problem,
         check_shapes,
         init_distributed,
         load_corpus,
@@ -250,8 +251,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.from_dict(cfg_dict)
         device = resolve_device(cfg.device)
+        # a budget too small to train (see runtime MIN_STEPS) is refused before anything is built
+        too_small = (
+            budget_problem(cfg, spec.seq_len, account(spec).train_flops_per_token)
+            if any(k in given for k in _BUDGET_FLAGS)
+            else None
+        )
     except ValueError as e:
         return fail(str(e), EXIT_BAD_INPUT)
+    if too_small:
+        flag = "--budget-flops" if cfg.budget_flops is not None else "--tokens"
+        return fail(f"{flag} {too_small}", EXIT_BAD_INPUT)
     d = init_distributed(cfg.device)
     stop_on_sigterm(d)
     out = Path(str(d.broadcast(str(out))))  # rank 0's name (a default name holds the time)
@@ -284,7 +294,7 @@ def _run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             (out / SPEC_FILE).write_text(spec_to_yaml(spec))
-        config = {"config": cfg.to_dict(), "data": data}
+        config = {"config": cfg.to_dict(), **data_record(data, corpus)}
         (out / TRAIN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     try:
         summary = train(
@@ -325,6 +335,19 @@ def _run(args: argparse.Namespace) -> int:
     else:
         render(summary)
     return 0
+
+
+def data_record(data: str | None, corpus) -> dict[str, Any]:
+    """What train_config.json records of the data, so `eval` of the run dir finds it again: ``data`` as
+    given (None: the bundled corpus), ``data_path`` absolute (the run may be evaluated from another folder),
+    the corpus's name and fingerprint (equal exactly when the tokens of both splits are)."""
+    bundled = data is None or data in ("bundled", "bundled:stdlib")
+    return {
+        "data": data,
+        "data_path": None if data is None or bundled else os.path.abspath(os.path.expanduser(data)),
+        "corpus": corpus.name,
+        "data_fingerprint": corpus.fingerprint,
+    }
 
 
 def data_line(corpus, params: int, planned: int | None) -> str:

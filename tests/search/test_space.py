@@ -109,3 +109,84 @@ def test_shipped_searches_load_and_make_specs(name):
         except Infeasible:
             pass
     assert made >= 4
+
+
+# ---------------------------------------------------------------------------------------- budget floor
+@pytest.fixture
+def floor(monkeypatch):
+    """The budget floor users get (the suite lifts it in tests/conftest.py)."""
+    monkeypatch.delenv("MOEFORGE_MIN_STEPS", raising=False)
+
+
+def test_budget_floor_is_twenty_full_batches_at_the_candidates_batch(make_search, floor):
+    from moeforge.search._space import budget_problem
+
+    s = make_search(extra="train: {batch_size: 4}")
+    spec = trial_to_spec(s, {"m": 2, "K_s": 0})
+    fpt = account(spec).train_flops_per_token
+    need = 20 * 4 * spec.seq_len  # MIN_STEPS full batches: the 5% warmup gets one step of its own
+    assert budget_problem(s, spec, float(need * fpt)) is None
+    why = budget_problem(s, spec, float(need * fpt - 1))
+    assert why is not None and f"{need - 1:,} tokens" in why and "20 optimizer steps of 4 x 128" in why
+
+
+@pytest.mark.parametrize("name", ["quickstart", "granularity", "scaling", "own-data"])
+def test_shipped_searches_are_above_the_floor(name, floor):
+    """Computed, not trained: every candidate of a shipped search at its own budget trains >= 20 steps."""
+    import itertools
+
+    from moeforge.search._space import budget_problem, check_budgets, trial_budget
+
+    s = load_search(name)
+    check_budgets(s)
+    grid = grid_space(s)
+    n = 0
+    for point in itertools.product(*grid.values()):
+        params = dict(zip(grid, point, strict=True))
+        try:
+            spec = trial_to_spec(s, params)
+        except Infeasible:
+            continue
+        n += 1
+        assert budget_problem(s, spec, trial_budget(s, params)) is None, params
+    assert n >= 5
+
+
+def test_search_below_the_floor_stops_before_anything_is_made(make_search, floor, tmp_path):
+    from moeforge.search import RunConfig, run_search
+    from moeforge.search._space import BudgetTooSmall
+
+    s = make_search(budget="1.0e+6")
+    with pytest.raises(BudgetTooSmall, match=r"the smallest budget that trains them is 3\.\d+e\+10"):
+        run_search(s, RunConfig(tmp_path / "run"), evaluate=lambda *a: pytest.fail("trained"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_candidate_below_the_floor_is_infeasible_with_its_reason(make_search, floor, tmp_path):
+    """On a budget ladder the small budget's candidates are recorded infeasible (Optuna constraints) and
+    never trained; the large budget's train."""
+    import json
+
+    from fakes import fake_evaluator
+    from moeforge.search import RunConfig, run_search
+
+    s = make_search(
+        space="  granularity: [1, 2]",
+        budget="[1.0e+6, 1.0e+12]",
+        n_trials=4,
+        extra="train: {batch_size: 4}",
+    )
+    trained = []
+    fake = fake_evaluator()
+
+    def evaluate(spec, seed, budget, out_dir, on_eval):
+        trained.append(budget)
+        return fake(spec, seed, budget, out_dir, on_eval)
+
+    summary = run_search(s, RunConfig(tmp_path / "run", plots=False), evaluate=evaluate)
+    assert summary["complete"] == 2 and set(trained) == {1e12}
+    records = json.loads((tmp_path / "run" / "trials.json").read_text())
+    records = records["trials"] if isinstance(records, dict) else records
+    small = [r for r in records if r["params"].get("budget") == 1e6]
+    assert len(small) == 2 and all("budget too small" in r["infeasible"] for r in small)
+    assert all(r["constraints"][0] > 0 for r in small)
