@@ -9,7 +9,9 @@ import json
 
 import pytest
 import torch
-from moeforge.compiler._hf import added_parameters, config_to_spec, hf_to_state_dict, spec_to_config
+from moeforge.compiler._hf_export import spec_to_config
+from moeforge.compiler._hf_import import config_to_spec
+from moeforge.compiler._hf_weights import added_parameters, hf_to_state_dict
 
 from moeforge import compiler
 from moeforge.cli import main
