@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._accounting import account
-from ._hf import ARCHITECTURES, REMOTE_CODE, added_parameters
+from ._hf_formats import ARCHITECTURES, REMOTE_CODE
+from ._hf_weights import added_parameters
 from ._spec import MLASpec, ModelSpec
 
 BYTE_VOCAB = 256

@@ -475,16 +475,7 @@ def prepare_data(
             no documents, a bad tokenizer, a folder that holds another dataset.
     """
     out = Path(out)
-    if not sources:
-        raise DataError("give at least one source")
-    if not 0 < val_fraction <= 0.5:
-        raise DataError(f"--val-fraction must be in (0, 0.5], got {val_fraction}")
-    if train_vocab is not None and not 257 <= train_vocab <= 2**32:
-        raise DataError(
-            f"--train-tokenizer needs a vocabulary of at least 257 (256 bytes + end-of-text), got {train_vocab}"
-        )
-    if not 1 <= shard_tokens < 2**31 - _BATCH_BYTES:
-        raise DataError(f"--shard-tokens must be in [1, {2**31 - _BATCH_BYTES}), got {shard_tokens}")
+    _check_arguments(sources, val_fraction, train_vocab, shard_tokens)
     srcs = [resolve_source(s) for s in sources]
     tok: TokenizerInfo | None = None
     if train_vocab is None:
@@ -501,14 +492,57 @@ def prepare_data(
         "shard_tokens": shard_tokens,
     }
     say = log or (lambda _msg: None)
+    done, state = _open_output(out, config, say)
+    if done is not None:
+        return done
 
-    # ------------------------------------------------------------------ the output folder: new, resumed or done
+    def documents() -> Iterator[tuple[bool, str]]:
+        return _split_documents(srcs, text_field, val_fraction, seed)
+
+    if tok is None:
+        assert train_vocab is not None
+        tok = _trained_tokenizer(out, train_vocab, documents, progress, say)
+    elif tok.json is not None:
+        (out / TOKENIZER_FILE).write_text(tok.json)
+    itemsize = 2 if tok.vocab_size <= 2**16 else 4
+    n_docs = _write_shards(out, state, tok, itemsize, documents(), shard_tokens, workers, progress)
+    meta = _meta(
+        state, tok, itemsize, n_docs, sources, tokenizer, train_vocab, text_field, val_fraction, seed, config
+    )
+    _write_json_atomic(out / PREPARED_META, meta)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return meta
+
+
+def _check_arguments(
+    sources: list[str], val_fraction: float, train_vocab: int | None, shard_tokens: int
+) -> None:
+    if not sources:
+        raise DataError("give at least one source")
+    if not 0 < val_fraction <= 0.5:
+        raise DataError(f"--val-fraction must be in (0, 0.5], got {val_fraction}")
+    if train_vocab is not None and not 257 <= train_vocab <= 2**32:
+        raise DataError(
+            f"--train-tokenizer needs a vocabulary of at least 257 (256 bytes + end-of-text), got {train_vocab}"
+        )
+    if not 1 <= shard_tokens < 2**31 - _BATCH_BYTES:
+        raise DataError(f"--shard-tokens must be in [1, {2**31 - _BATCH_BYTES}), got {shard_tokens}")
+
+
+def _open_output(
+    out: Path, config: dict[str, Any], say: Callable[[str], None]
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The output folder: done (its meta.json, when prepared with `config`), resumed or new.
+
+    Returns (meta, state): meta when there is nothing left to do, else None and the progress state (the
+    finished shards of a stopped run, or none), written to the folder's progress file.
+    """
     meta_path, state_path = out / PREPARED_META, out / STATE_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("config") == config:
             say(f"{out}: already prepared with these arguments")
-            return meta
+            return meta, {}
         raise DataError(
             f"{out}: holds another dataset (its meta.json has other sources or options); use another --out"
         )
@@ -534,40 +568,61 @@ def prepare_data(
         raise DataError(f"{out}: not empty and not a moeforge dataset; use an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(state_path, state)
+    return None, state
 
-    def documents() -> Iterator[tuple[bool, str]]:
-        i = 0
-        for src in srcs:
-            for text in iter_documents(src, text_field):
-                yield is_val_document(i, val_fraction, seed), text
-                i += 1
 
-    # ------------------------------------------------------------------ tokenizer
-    if tok is None:
-        tok_path = out / TOKENIZER_FILE
-        if not tok_path.exists():
-            say(f"training a byte-level BPE tokenizer of vocabulary {train_vocab}")
+def _split_documents(
+    srcs: list[Source], text_field: str, val_fraction: float, seed: int
+) -> Iterator[tuple[bool, str]]:
+    """(is validation, text) for every document of the sources, in order."""
+    i = 0
+    for src in srcs:
+        for text in iter_documents(src, text_field):
+            yield is_val_document(i, val_fraction, seed), text
+            i += 1
 
-            def train_docs() -> Iterator[str]:
-                seen = 0
-                for is_val, text in documents():
-                    if not is_val:
-                        yield text
-                        seen += len(text)
-                        if seen >= _TRAIN_TOKENIZER_MAX_BYTES:
-                            return
 
-            assert train_vocab is not None
-            text = train_tokenizer(train_docs(), train_vocab, progress)
-            tmp = tok_path.with_name(f".{TOKENIZER_FILE}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, tok_path)
-        tok = _tokenizer_info(tok_path.read_text(), f"bpe-{train_vocab}", None, str(tok_path))
-    elif tok.json is not None:
-        (out / TOKENIZER_FILE).write_text(tok.json)
-    itemsize = 2 if tok.vocab_size <= 2**16 else 4
+def _trained_tokenizer(
+    out: Path,
+    train_vocab: int,
+    documents: Callable[[], Iterator[tuple[bool, str]]],
+    progress: bool,
+    say: Callable[[str], None],
+) -> TokenizerInfo:
+    """The BPE tokenizer trained on the train split, saved in `out` (kept from a stopped run)."""
+    tok_path = out / TOKENIZER_FILE
+    if not tok_path.exists():
+        say(f"training a byte-level BPE tokenizer of vocabulary {train_vocab}")
 
-    # ------------------------------------------------------------------ tokenize
+        def train_docs() -> Iterator[str]:
+            seen = 0
+            for is_val, text in documents():
+                if not is_val:
+                    yield text
+                    seen += len(text)
+                    if seen >= _TRAIN_TOKENIZER_MAX_BYTES:
+                        return
+
+        text = train_tokenizer(train_docs(), train_vocab, progress)
+        tmp = tok_path.with_name(f".{TOKENIZER_FILE}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, tok_path)
+    return _tokenizer_info(tok_path.read_text(), f"bpe-{train_vocab}", None, str(tok_path))
+
+
+def _write_shards(
+    out: Path,
+    state: dict[str, Any],
+    tok: TokenizerInfo,
+    itemsize: int,
+    documents: Iterator[tuple[bool, str]],
+    shard_tokens: int,
+    workers: int | None,
+    progress: bool,
+) -> int:
+    """Tokenize the documents after the finished shards in `state` into new shards, recording each in
+    `state` and the progress file; return how many documents the shards hold in all."""
+    state_path = out / STATE_FILE
     writers = {
         split: _ShardWriter(out / split, itemsize, len(state["shards"][split])) for split in ("train", "val")
     }
@@ -619,7 +674,7 @@ def prepare_data(
     batches: dict[str, list[str]] = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}
     try:
-        for is_val, text in documents():
+        for is_val, text in documents:
             split = "val" if is_val else "train"
             if skip[split]:
                 skip[split] -= 1
@@ -651,17 +706,35 @@ def prepare_data(
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+    return totals["docs"]
 
-    # ------------------------------------------------------------------ meta.json
+
+def _meta(
+    state: dict[str, Any],
+    tok: TokenizerInfo,
+    itemsize: int,
+    n_docs: int,
+    sources: list[str],
+    tokenizer: str | None,
+    train_vocab: int | None,
+    text_field: str,
+    val_fraction: float,
+    seed: int,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """meta.json's content: the tokenizer, the splits and their shards, the fingerprint a search compares.
+
+    Raises:
+        DataError: a split is empty (`n_docs` documents in all).
+    """
     splits = {}
     for split in ("train", "val"):
         shards = state["shards"][split]
         if not shards:
-            n = totals["docs"]
-            if n == 0:
+            if n_docs == 0:
                 raise DataError(f"{', '.join(sources)}: no documents (empty source)")
             raise DataError(
-                f"{', '.join(sources)}: the {split} split is empty ({n} documents, --val-fraction "
+                f"{', '.join(sources)}: the {split} split is empty ({n_docs} documents, --val-fraction "
                 f"{val_fraction}); give more documents or change --val-fraction"
             )
         splits[split] = {
@@ -673,7 +746,7 @@ def prepare_data(
     fp = hashlib.sha256(f"{PREPARED_FORMAT}\0{tok.sha256}\0{tok.eot_id}\0".encode())
     for split in ("train", "val"):
         fp.update(split.encode() + b"\0" + "".join(s["sha256"] for s in splits[split]["shards"]).encode())
-    meta = {
+    return {
         "format": PREPARED_FORMAT,
         "tokenizer": {
             "name": tok.name,
@@ -699,6 +772,3 @@ def prepare_data(
         "splits": splits,
         "config": config,
     }
-    _write_json_atomic(meta_path, meta)
-    state_path.unlink(missing_ok=True)
-    return meta

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "no stock class expresses is an error naming the feature (exit 2). Given a search run dir, export its "
         "best trial (or --trial N): that trial's spec and trained weights, and the search's evidence in the "
         "card. With --checkpoint (our model.safetensors, or a folder holding one) also DIR/model.safetensors. "
-        "--check loads the result with transformers (no remote code) and compares parameters and logits.",
+        "--check loads the result with transformers (no remote code), compares parameters and logits and "
+        "prints PASS or FAIL (exit 1 on FAIL); it needs transformers: pip install 'moeforge[hf]'.",
         epilog="examples:\n  moeforge export hf runs/quickstart --out exported --check\n"
         "  moeforge export hf runs/quickstart --trial 3 --out trial3\n"
         "  moeforge export hf debug --format qwen2_moe --out /tmp/debug\n"
@@ -51,7 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--force", action="store_true", help="overwrite DIR even if it holds another model")
     p.add_argument(
-        "--check", action="store_true", help="load with transformers and compare (needs transformers)"
+        "--check",
+        action="store_true",
+        help="load with transformers and compare (needs transformers: pip install 'moeforge[hf]')",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="with --check: print the check's raw record as JSON (stdout)"
     )
     p.set_defaults(run=run)
 
@@ -61,9 +69,36 @@ def _fail(message: str) -> int:
     return 2
 
 
+# The transformers release --check needs: every family's logits match from 5.15 (the `hf` extra's floor).
+TRANSFORMERS_FLOOR = (5, 15)
+# check_passes' relative logit tolerance (fp32, eager attention on both sides).
+TOLERANCE = 1e-5
+
+
+def _transformers_problem() -> str | None:
+    """Why --check cannot run here (transformers missing or too old), checked before anything is written."""
+    hint = "pip install 'moeforge[hf]'"
+    try:
+        import transformers
+    except ImportError:
+        return f"--check: needs transformers, which is not installed; {hint}"
+    version = str(getattr(transformers, "__version__", "0"))
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if parts < TRANSFORMERS_FLOOR:
+        floor = ".".join(map(str, TRANSFORMERS_FLOOR))
+        return f"--check: needs transformers >= {floor}, found {version}; {hint}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from moeforge.compiler import HFError, choose_format, export_hf, load_spec, model_card
 
+    if args.json and not args.check:
+        return _fail("--json: prints the --check record; add --check")
+    if args.check:
+        problem = _transformers_problem()
+        if problem:
+            return _fail(problem)
     evidence: dict[str, Any] | None = None
     corpus: str | None = None
     checkpoint = args.checkpoint
@@ -83,32 +118,63 @@ def run(args: argparse.Namespace) -> int:
         config_path, weights_path = export_hf(spec, args.out, checkpoint, fmt, card=card, force=args.force)
     except HFError as e:
         return _fail(str(e))
-    print(f"format: {fmt}" + (" (remote code)" if fmt == "deepseek" else " (stock transformers class)"))
+    say = partial(print, file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON only
+    say(f"format: {fmt}" + (" (remote code)" if fmt == "deepseek" else " (stock transformers class)"))
     if evidence:
-        print(f"trial {evidence['trial']} of {args.spec}, {evidence['metric']} {evidence['value']:.4f}")
-    print(f"wrote {config_path}")
+        say(f"trial {evidence['trial']} of {args.spec}, {evidence['metric']} {evidence['value']:.4f}")
+    say(f"wrote {config_path}")
     if weights_path is not None:
-        print(f"wrote {weights_path}")
-    print(f"wrote {Path(args.out) / 'README.md'}")
-    return _check(spec, args.out, corpus) if args.check else 0
+        say(f"wrote {weights_path}")
+    say(f"wrote {Path(args.out) / 'README.md'}")
+    return _check(spec, args.out, corpus, args.json) if args.check else 0
 
 
-def _check(spec, out: str, corpus: str | None) -> int:
+def _check(spec, out: str, corpus: str | None, as_json: bool) -> int:
     from moeforge.compiler import check_against_transformers, check_passes
 
     ids, source = _held_out(spec, corpus)
     try:
         result = check_against_transformers(spec, out, ids)
-    except ImportError:
-        print("moeforge export: --check needs transformers (pip install transformers)", file=sys.stderr)
-        return 1
     except (ValueError, KeyError, OSError) as e:
         print(f"moeforge export: transformers cannot load {out}: {e}", file=sys.stderr)
         return 1
     if "max_rel_logit_diff" in result:
         result["compared_on"] = source
-    print_json(result)
-    return 0 if check_passes(result) else 1
+    passed = check_passes(result, TOLERANCE)
+    if as_json:
+        print_json(result)
+    else:
+        print("\n".join(verdict_lines(result, out, passed)))
+    return 0 if passed else 1
+
+
+def verdict_lines(result: dict[str, Any], out: str, passed: bool) -> list[str]:
+    """The --check record as lines a person reads: what was compared, the numbers, PASS or FAIL."""
+    import transformers
+
+    ours, theirs, added = result["params_ours"], result["params_transformers"], result["params_added"]
+    expected = ours + sum(added.values())
+    lines = [f"check: {out} loaded by transformers {transformers.__version__} as {result['format']}"]
+    parts = ", ".join(f"{n:+,} {k}" for k, n in added.items())
+    why = f", with {parts}: {expected:,}" if added else ""
+    count = f"  parameters: moeforge counts {ours:,}{why}; transformers' num_parameters() gives {theirs:,}"
+    ok = expected == theirs
+    lines.append(count + (": equal" if ok else f": differ by {theirs - expected:+,}"))
+    if "max_rel_logit_diff" in result:
+        rel = result["max_rel_logit_diff"]
+        lines.append(
+            f"  logits: {result['compared_tokens']:,} tokens ({result.get('compared_on', 'random ids')}) through "
+            f"both models in fp32: max |difference| {result['max_abs_logit_diff']:.3g}, relative "
+            f"{rel:.3g} (tolerance {TOLERANCE:g}){'' if rel <= TOLERANCE else ': over'}"
+        )
+        lines.append(f"  transformers' greedy continuation of the first 8 tokens: {result['generated']}")
+    else:
+        lines.append("  logits: not compared (no weights; give --checkpoint or a run dir to compare them)")
+    rel = result.get("max_rel_logit_diff", 0.0)
+    failed = [("parameter counts differ", not ok), ("logits differ beyond the tolerance", rel > TOLERANCE)]
+    reasons = [reason for reason, bad in failed if bad] or ["see the record (--json)"]
+    lines.append("verdict: PASS" if passed else "verdict: FAIL, " + "; ".join(reasons))
+    return lines
 
 
 def _held_out(spec, corpus: str | None):

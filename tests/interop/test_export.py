@@ -6,10 +6,13 @@ Then a search winner through the CLI, and the bad inputs (one line, exit 2)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from moeforge.compiler._hf import added_parameters, config_to_spec, hf_to_state_dict, spec_to_config
+from moeforge.compiler._hf_export import spec_to_config
+from moeforge.compiler._hf_import import config_to_spec
+from moeforge.compiler._hf_weights import added_parameters, hf_to_state_dict
 
 from moeforge import compiler
 from moeforge.cli import main
@@ -251,8 +254,12 @@ def test_dense_paper_spec_exports_as_llama_with_its_counts(tmp_path, capsys):
     assert main(["export", "hf", "deepseek-7b-dense", "--out", str(tmp_path / "7b"), "--check"]) == 0
     printed = capsys.readouterr().out
     assert "format: llama (stock transformers class)" in printed
-    result = json.loads(printed[printed.index("{") :])
-    assert result["params_transformers"] == result["params_ours"] == 6_910_365_696
+    # the verdict a person reads: the counts compared, and no logits without weights
+    assert (
+        "parameters: moeforge counts 6,910,365,696; transformers' num_parameters() gives 6,910,365,696: equal"
+        in printed
+    )
+    assert "logits: not compared (no weights" in printed and printed.rstrip().endswith("verdict: PASS")
     assert "A dense model" in (tmp_path / "7b" / "README.md").read_text()
     tiny = ["--set", "d_model=64", "--set", "n_layers=2", "--set", "vocab_size=256", "--set", "ffn.hidden=96",
             "--set", "attention.head_dim=16", "--set", "seq_len=64"]  # fmt: skip
@@ -261,10 +268,11 @@ def test_dense_paper_spec_exports_as_llama_with_its_counts(tmp_path, capsys):
 
     save_checkpoint(tmp_path / "ckpt", compiler.build(spec, seed=0), None, {"step": 1})
     args = ["export", "hf", "deepseek-7b-dense", *tiny, "--checkpoint", str(tmp_path / "ckpt")]
-    assert main([*args, "--out", str(tmp_path / "tiny"), "--check"]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(printed[printed.index("{") :])
+    assert main([*args, "--out", str(tmp_path / "tiny"), "--check", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # --json: stdout is the record alone; what was written goes to stderr
     assert result["max_rel_logit_diff"] <= 1e-5 and len(result["generated"]) == 4
+    assert result["params_transformers"] == result["params_ours"] and "wrote" in captured.err
 
 
 def test_dense_gelu_spec_names_the_activation(tmp_path, capsys):
@@ -319,8 +327,17 @@ def test_run_dir_exports_the_winner_with_weights(tmp_path, capsys):
     assert main(["export", "hf", str(run), "--out", str(out), "--check"]) == 0
     printed = capsys.readouterr().out
     assert "trial 0 of" in printed and "format: qwen2_moe" in printed
-    result = json.loads(printed[printed.index("{") :])
-    assert result["max_rel_logit_diff"] <= 1e-5 and result["compared_on"].endswith("validation split")
+    # the verdict: the counts with what transformers adds, the logits on held-out text with their numbers
+    spec = compiler.load_spec("debug")
+    n, gate = compiler.account(spec).params_total, spec.d_model * len(spec.moe_layers)
+    assert (
+        f"parameters: moeforge counts {n:,}, with +{gate:,} shared_expert_gate (pinned at 0): {n + gate:,}; "
+        f"transformers' num_parameters() gives {n + gate:,}: equal" in printed
+    ), printed
+    logits = re.search(r"logits: 128 tokens \(bundled:stdlib validation split\) through both models in fp32: "
+                       r"max \|difference\| (\S+), relative (\S+) \(tolerance 1e-05\)\n", printed)  # fmt: skip
+    assert logits and float(logits.group(2)) <= 1e-5, printed
+    assert printed.rstrip().endswith("verdict: PASS")
     card = (out / "README.md").read_text()
     assert (
         "trial 0" in card and "runner-up: trial 1" in card and "1e+09 FLOPs" in card and "Byte-level" in card
@@ -390,10 +407,9 @@ def test_real_search_winner_exports_and_loads(tmp_path, capsys):
     run = tmp_path / "run"
     run_search(search, RunConfig(run, workers=1, plots=False), log=lambda _: None)
     out = tmp_path / "exported"
-    assert main(["export", "hf", str(run), "--out", str(out), "--check"]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(printed[printed.index("{") :])
-    assert result["max_rel_logit_diff"] <= 1e-5
+    assert main(["export", "hf", str(run), "--out", str(out), "--check", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_rel_logit_diff"] <= 1e-5 and result["compared_on"].endswith("validation split")
     assert "val_loss" in (out / "README.md").read_text()  # the metric, read from the study
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     ids = torch.tensor([list(b"def main(")])
