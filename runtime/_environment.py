@@ -43,10 +43,8 @@ def moeforge_version() -> str:
 
     try:
         return version("moeforge")
-    except PackageNotFoundError:
-        import moeforge
-
-        return moeforge.__version__
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
