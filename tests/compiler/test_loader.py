@@ -394,3 +394,18 @@ def test_a_default_standing_in_for_a_bad_value_is_never_blamed(tmp_path: Path) -
         ("moe.gate.n_group", 15),
         ("moe.shared_gate", 16),
     ]
+
+
+def test_every_cross_field_problem_says_what_its_check_reads() -> None:
+    # A key missing from CHECK_READS would be dropped silently from the second pass.
+    import re
+
+    import moeforge.compiler._spec as spec_module
+    from moeforge.compiler._spec import CHECK_READS
+
+    source = Path(spec_module.__file__).read_text()
+    written = set(re.findall(r'f?"((?:attention|moe)\.[a-z_.]+):', source))
+    written |= {f"moe.{k}" for k in ("routed_experts", "shared_experts", "top_k", "expert_hidden", "layers")}
+    written |= {"attention.n_kv_heads"}
+    assert len(written) >= 18
+    assert written <= set(CHECK_READS)
