@@ -671,15 +671,94 @@ def validate(cls: type[M], data: dict, locs: Locs, soft: list[Problem] | None = 
         result = cls.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as e:
         problems = list(soft or [])
-        for err in _one_per_value(_one_per_line(e.errors(include_url=False))):
+        errors = _one_per_value(_one_per_line(e.errors(include_url=False)))
+        for err in errors:
             path, msg = _explain(cls, data, err)
             problems.append(Problem(locate(locs, path), _dotted(path), msg))
+        problems += _checks_on_what_parsed(cls, data, locs, errors)
         problems = list(dict.fromkeys(problems))
         problems.sort(key=lambda p: (p.loc.file.startswith("<--set"), p.loc.file, p.loc.line, p.loc.col))
         raise SpecError(problems) from None
     if soft:
         raise SpecError(list(soft))
     return result
+
+
+def _checks_on_what_parsed(cls: type[BaseModel], data: dict, locs: Locs, errors: list[Any]) -> list[Problem]:
+    """The cross-field problems of `cls` that can be known although some values failed on their own.
+
+    Pydantic runs a model's cross-field validator only when every field parsed, so a typo'd key would hide
+    ``top_k > routed_experts`` until it is fixed. This drops each value that failed, validates again with
+    the context ``{"recheck": True}`` (a section's validator skips what the first pass reported), and keeps
+    the cross-field problems whose check reads none of the dropped keys (``cls.check_reads``: dotted problem
+    key -> the keys its check reads). A section whose validator still fails is dropped in turn. A class
+    without that table gets no second pass.
+    """
+    reads: dict[str, tuple[str, ...]] | None = getattr(cls, "check_reads", None)
+    if reads is None or any(err["type"] == "value_error" and not err["loc"] for err in errors):
+        return []  # no table, or the cross-field validator ran already
+    parsed = json.loads(json.dumps(data, default=str))  # a deep copy of plain data
+    unknown: set[str] = set()
+    out: list[Problem] = []
+    for n in range(_MAX_PASSES):
+        for err in errors:
+            if n == 0 and err["type"] == "value_error":
+                # A section's own check: the second pass skips it (`recheck`) or it fails again; either
+                # way the value it named is suspect, so no check that reads it is reported.
+                unknown.add(_dotted(_explain(cls, data, err)[0]))
+                continue
+            path = _data_path(cls, err["loc"], parsed)
+            path = path[
+                : next((i for i, p in enumerate(path) if isinstance(p, int)), len(path))
+            ]  # whole list
+            if err["type"] == "extra_forbidden":  # the key was probably meant as its closest field
+                parent = _model_at(cls, parsed, path[:-1])
+                close = difflib.get_close_matches(
+                    str(path[-1]), list(parent.model_fields) if parent else [], n=1
+                )
+                unknown.update(_dotted((*path[:-1], c)) for c in close)
+            else:  # a bad value or a missing key; a section of an unknown kind goes whole
+                if err["type"].startswith("union_tag") and path and path[-1] == "kind":
+                    path = path[:-1]
+                unknown.add(_dotted(path))
+            _drop(parsed, path)
+        try:
+            cls.model_validate_json(json.dumps(parsed), strict=True, context={"recheck": True})
+            return out
+        except ValidationError as e:
+            errors = [
+                err for err in _one_per_line(e.errors(include_url=False)) if err["type"] == "value_error"
+            ]
+        # Other errors are values dropped above, now missing: already reported as what they were.
+        for err in errors:
+            path, msg = _explain(cls, parsed, err)
+            key = _dotted(path)
+            if key in reads and not any(_related(u, r) for u in unknown for r in reads[key]):
+                out.append(Problem(locate(locs, path), key, msg))
+        if not errors or any(not err["loc"] for err in errors):
+            return out  # nothing left to drop, or the cross-field validator ran
+        # A section whose own validator still fails (a form with no top_k) is dropped in the next pass.
+    return out
+
+
+_MAX_PASSES = 3
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether dotted keys `a` and `b` are the same value or one holds the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _drop(data: Any, path: Path_) -> None:
+    """Remove the value at `path` from nested plain data, if it is there."""
+    if not path:
+        return
+    for p in path[:-1]:
+        if not _has(data, p):
+            return
+        data = data[p]
+    if isinstance(data, dict):
+        data.pop(path[-1], None)
 
 
 def _one_per_line(errors: list[Any]) -> list[Any]:

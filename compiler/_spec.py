@@ -17,9 +17,9 @@ replaces the base's other form, so switching forms needs no ``null``s (see `merg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 # Sanity bounds: large enough for any model anyone trains, small enough that arithmetic stays exact and
 # an absurd value (d_model: 1e30) is an error, not an overflow.
@@ -28,6 +28,12 @@ MAX_VOCAB = 1 << 24
 MAX_LAYERS = 4096
 MAX_SEQ = 1 << 24
 MAX_EXPERTS = 1 << 16
+
+
+def _recheck(info: ValidationInfo) -> bool:
+    """Whether this is the loader's second pass, which runs the cross-field checks on what parsed: a
+    section's own check that cannot break them is skipped there (the first pass reported it)."""
+    return bool(info.context and info.context.get("recheck"))
 
 
 class _Section(BaseModel):
@@ -117,8 +123,8 @@ class GQASpec(_AttentionBase):
         return self.n_kv_heads
 
     @model_validator(mode="after")
-    def _kv_divides(self) -> GQASpec:
-        if self.n_heads % self.n_kv_heads:
+    def _kv_divides(self, info: ValidationInfo) -> GQASpec:
+        if self.n_heads % self.n_kv_heads and not _recheck(info):
             raise ValueError(
                 f"n_kv_heads: {self.n_kv_heads} does not divide n_heads {self.n_heads}; "
                 f"pick a divisor of {self.n_heads}"
@@ -264,21 +270,23 @@ class MoESpec(_Section):
     """Scale the shared experts' output by sigmoid(w . x), one gate vector per layer (Qwen2-MoE)."""
 
     @model_validator(mode="after")
-    def _has_a_form(self) -> MoESpec:
+    def _has_a_form(self, info: ValidationInfo) -> MoESpec:
+        problems = []  # all at once, one line each
         fine = {"routed_experts": self.routed_experts, "top_k": self.top_k}
-        if self.paper is None:
-            missing = [k for k, v in fine.items() if v is None]
-            if missing:
-                raise ValueError(
-                    f"{missing[0]}: missing ({' and '.join(missing)} are required without `paper:`); give "
-                    "routed_experts and top_k (and expert_hidden), or the paper form "
-                    "`paper: {experts: N, top_k: K, m: m, shared: K_s}`"
-                )
-        if self.layers is not None:
+        missing = [k for k, v in fine.items() if v is None] if self.paper is None else []
+        if missing:
+            problems.append(
+                f"{missing[0]}: missing ({' and '.join(missing)} are required without `paper:`); give "
+                "routed_experts and top_k (and expert_hidden), or the paper form "
+                "`paper: {experts: N, top_k: K, m: m, shared: K_s}`"
+            )
+        if self.layers is not None and not _recheck(info):  # the cross-field checks can run without these
             if self.first_dense or self.every != 1:
-                raise ValueError("layers: an explicit list replaces first_dense/every; drop one of them")
+                problems.append("layers: an explicit list replaces first_dense/every; drop one of them")
             if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
-                raise ValueError(f"layers: {list(self.layers)} must be distinct non-negative indices")
+                problems.append(f"layers: {list(self.layers)} must be distinct non-negative indices")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -300,8 +308,41 @@ class MoEDerived:
 
 
 # ---------------------------------------------------------------------------------------------- model
+# What each cross-field check reads, by the dotted key its problem names. When a spec has problems in
+# single fields, the loader drops the values that failed and runs the checks again on what did parse
+# (`moeforge.compiler.validate`); a check's problem is reported from that run only when none of the keys it
+# reads was dropped, so it never speaks of a default that stood in for a bad value.
+_ROUTED = ("moe.routed_experts", "moe.paper")
+_TOP_K = ("moe.top_k", "moe.paper")
+_SHARED = ("moe.shared_experts", "moe.paper")
+_PLACEMENT = ("moe.layers", "moe.first_dense", "moe.every", "n_layers")
+CHECK_READS: dict[str, tuple[str, ...]] = {
+    "attention.n_heads": ("attention", "d_model"),
+    "attention.n_kv_heads": ("attention",),
+    "attention.qk_rope_head_dim": ("attention", "positions"),
+    "attention.head_dim": ("attention", "d_model", "positions"),
+    "moe.layers": _PLACEMENT,
+    "moe.first_dense": _PLACEMENT,
+    "moe.paper.m": ("moe.paper", "ffn.hidden"),
+    "moe.paper.top_k": ("moe.paper",),
+    "moe.paper.shared": ("moe.paper",),
+    "moe.routed_experts": (*_ROUTED, "moe.top_k", "ffn.hidden"),
+    "moe.shared_experts": _SHARED,
+    "moe.top_k": (*_ROUTED, *_TOP_K, "ffn.hidden"),
+    "moe.expert_hidden": ("moe.expert_hidden", "moe.paper", "ffn.hidden"),
+    "moe.gate.n_group": (*_ROUTED, "moe.gate"),
+    "moe.gate.topk_group": (*_ROUTED, *_TOP_K, "moe.gate"),
+    "moe.gate.bias_update_speed": ("moe.gate",),
+    "moe.shared_gate": (*_SHARED, "moe.shared_gate"),
+    "moe.balance.device_groups": (*_ROUTED, "moe.balance.device_groups"),
+}
+
+
 class ModelSpec(_Section):
     """A decoder-only language model."""
+
+    check_reads: ClassVar[dict[str, tuple[str, ...]]] = CHECK_READS
+    """Opts into the loader's second pass (see CHECK_READS): cross-field checks on what parsed."""
 
     name: str = Field("model", min_length=1, max_length=200)
     """A short name used in reports and file names."""

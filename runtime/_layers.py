@@ -362,8 +362,11 @@ class MoE(nn.Module):
                 group_TR = choice_TRJ.amax(dim=-1)  # DeepSeek-V2: a group's best expert
             else:
                 group_TR = choice_TRJ.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of its two best
-            best_TR = torch.zeros_like(group_TR, dtype=torch.bool)
-            best_TR.scatter_(1, group_TR.topk(self.topk_group, dim=-1).indices, True)
+            best_idx = group_TR.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            # A tensor of ones, not a Python bool: jit tracing (fvcore's measure) has no scatter_ for a bool.
+            best_TR = torch.zeros_like(group_TR, dtype=torch.bool).scatter(
+                1, best_idx, torch.ones_like(best_idx, dtype=torch.bool)
+            )
             choice_TE = choice_TRJ.masked_fill(~best_TR[..., None], float("-inf")).view(T, E)
         return choice_TE.topk(self.top_k, dim=-1).indices
 

@@ -179,3 +179,20 @@ def test_report_says_tokens_per_parameter_and_epochs_of_the_data(capsys):
     assert "per parameter" in out and "(repeats the data)" in out
     assert main(["report", "debug", "--data", "/no/such/data"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_report_measure_group_limited_sigmoid_routing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # DeepSeek-V3's router (sigmoid scores, selection bias, group-limited routing) on the debug model: the
+    # group mask once made fvcore's jit tracer fail (a bool scattered in place), a traceback from --measure.
+    spec = tmp_path / "grouped.yaml"
+    spec.write_text(
+        "base: debug\nmoe:\n  gate: {score: sigmoid, selection_bias: true, n_group: 2, topk_group: 1}\n"
+    )
+    rep = run_json(capsys, "report", str(spec), "--measure", "--json", "--set", "seq_len=16")
+    m, P, F = rep["measured"], rep["params"], rep["flops"]
+    assert m["params_total"] == P["total"]
+    assert m["forward_flops_per_token"] == F["forward_per_token"]
+    assert m["train_flops_per_token"] == F["train_per_token"]
+    assert m["fvcore_forward_flops_per_token"] == F["forward_per_token"]

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from moeforge.compiler import COMPONENTS, ModelSpec, account, build
+from moeforge.compiler._spec import MLASpec
 from spec_strategies import model_specs
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def attention_core(spec: ModelSpec) -> int:
+    """Q K^T and A V of one layer per token over the full square: 2*S*H*d_qk + 2*S*H*d_v."""
+    a = spec.attention
+    d_v = a.v_head_dim if isinstance(a, MLASpec) else spec.head_dim
+    return 2 * spec.seq_len * a.n_heads * (spec.head_dim + d_v)
 
 
 def meta_numel(spec: ModelSpec) -> int:
@@ -23,6 +31,7 @@ def test_params_equal_meta_numel(spec: ModelSpec) -> None:
 def _component_numel(spec: ModelSpec) -> dict[str, int]:
     """The built model's parameters grouped by the module that owns them (not by name matching)."""
     from moeforge.runtime import MoE
+    from torch.nn import Parameter
 
     model = build(spec, device="meta")
     out = dict.fromkeys(COMPONENTS, 0)
@@ -37,9 +46,12 @@ def _component_numel(spec: ModelSpec) -> dict[str, int]:
         out["norms"] += n(block.attention_norm) + n(block.ffn_norm)
         out["attention"] += n(block.attention)
         if isinstance(block.ffn, MoE):
-            out["router"] += n(block.ffn.router)
+            # The selection bias is the MoE module's own parameter (DeepSeek-V3 keeps it by the router's
+            # weight) and counts as the router's; the shared experts' gate counts as theirs.
+            bias = block.ffn.selection_bias
+            out["router"] += n(block.ffn.router) + (bias.numel() if isinstance(bias, Parameter) else 0)
             out["routed_experts"] += n(block.ffn.experts)
-            out["shared_experts"] += n(block.ffn.shared)
+            out["shared_experts"] += n(block.ffn.shared) + n(block.ffn.shared_gate)
         else:
             out["dense_ffn"] += n(block.ffn)
     return out
@@ -87,14 +99,27 @@ def test_flop_conventions(spec: ModelSpec) -> None:
     assert acc.train_flops_per_token == 3 * acc.forward_flops_per_token
     assert acc.train_flops_per_sequence == acc.train_flops_per_token * spec.seq_len
     # Every counted FLOP except the attention core is 2 x an activated weight (the head always multiplies).
-    core = 4 * spec.seq_len * spec.attention.n_heads * spec.head_dim * spec.n_layers
+    core = attention_core(spec) * spec.n_layers
     d, V = spec.d_model, spec.vocab_size
     a = spec.attention
-    attn_weights = spec.n_layers * (2 * d * a.n_heads * spec.head_dim + 2 * d * a.kv_heads * spec.head_dim)
+    if isinstance(a, MLASpec):  # q (direct or through its latent), kv_a, kv_b, o
+        H, qk, v = a.n_heads, a.head_dim, a.v_head_dim
+        q = d * H * qk if a.q_lora_rank is None else d * a.q_lora_rank + a.q_lora_rank * H * qk
+        kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (a.qk_nope_head_dim + v)
+        attn_weights = spec.n_layers * (q + kv + H * v * d)
+    else:
+        attn_weights = spec.n_layers * (
+            2 * d * a.n_heads * spec.head_dim + 2 * d * a.kv_heads * spec.head_dim
+        )
     assert acc.forward_flops["attention"] == 2 * attn_weights + core
     assert acc.forward_flops["head"] == 2 * V * d
-    for c in ("dense_ffn", "shared_experts", "routed_experts", "router"):
+    for c in ("dense_ffn", "shared_experts", "routed_experts"):
         assert acc.forward_flops[c] == 2 * acc.activated[c]
+    # The selection bias is a parameter the router holds, added to the scores: no multiply-add.
+    d_moe, gate = spec.moe_derived, spec.moe.gate if spec.moe is not None else None
+    counted = d_moe is not None and gate is not None and gate.selection_bias and gate.bias_is_parameter
+    bias = len(spec.moe_layers) * d_moe.routed_experts if counted and d_moe is not None else 0
+    assert acc.forward_flops["router"] == 2 * (acc.activated["router"] - bias)
     assert acc.forward_flops["embedding"] == acc.forward_flops["norms"] == 0
 
 
@@ -102,7 +127,7 @@ def test_flop_conventions(spec: ModelSpec) -> None:
 @given(model_specs(max_layers=4))
 def test_causal_halves_exactly_the_attention_core(spec: ModelSpec) -> None:
     full, causal = account(spec), account(spec, causal=True)
-    core = 4 * spec.seq_len * spec.attention.n_heads * spec.head_dim  # per layer, full square
+    core = attention_core(spec)  # per layer, full square
     assert causal.causal and not full.causal
     assert full.forward_flops["attention"] - causal.forward_flops["attention"] == spec.n_layers * core // 2
     for c in COMPONENTS:

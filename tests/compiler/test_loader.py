@@ -343,3 +343,69 @@ def test_shipped_schema_file_is_current() -> None:
 def test_shipped_specs_point_editors_at_the_schema(name: str) -> None:
     first = (shipped_dir() / f"{name}.yaml").read_text().splitlines()[0]
     assert first == "# yaml-language-server: $schema=../schema/model.schema.json"
+
+
+# ----------------------------------------------------------------------- cross-field checks on what parsed
+THREE_PROBLEMS = Path(__file__).parent / "bad_specs" / "typo_wrong_type_and_top_k.yaml"
+
+
+def test_a_typo_and_a_wrong_type_do_not_hide_the_cross_field_problems(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moeforge.cli import main
+
+    assert main(["validate", str(THREE_PROBLEMS)]) == 2
+    out, err = capsys.readouterr()
+    f = THREE_PROBLEMS
+    assert out == ""
+    assert err.splitlines() == [
+        f"{f}:15:3: moe.top_k: 12 > routed experts 8; top_k must be <= routed_experts",
+        f"{f}:16:3: moe.expert_hiden: unknown key; did you mean 'expert_hidden'?",
+        f"{f}:17:3: moe.shared_experts: must be an integer (got 'two')",
+    ]
+
+
+def test_a_section_that_fails_its_own_check_still_gets_the_cross_field_checks(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "gqa.yaml",
+        BASE.replace("n_kv_heads: 2", "n_kv_heads: 3").replace("top_k: 2", "top_k: 9") + "  layers: [1, 7]\n",
+    )
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    # n_kv_heads and the layer list are reported by their own sections' checks; top_k reads neither. (The
+    # layer past the last one is not blamed while the list is already known to be wrong.)
+    assert [p.key for p in exc.value.problems] == ["attention.n_kv_heads", "moe.top_k", "moe.layers"]
+    assert "explicit list replaces first_dense" in exc.value.problems[2].message
+
+
+def test_a_default_standing_in_for_a_bad_value_is_never_blamed(tmp_path: Path) -> None:
+    # n_group is unreadable: the check of topk_group against n_group cannot be known (the default 1 would
+    # make it fail); the shared-gate check reads neither and is reported.
+    path = write(
+        tmp_path,
+        "gate.yaml",
+        BASE.replace("shared_experts: 1", "shared_experts: 0")
+        + '  gate: {n_group: "2", topk_group: 2}\n  shared_gate: true\n',
+    )
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert [(p.key, p.loc.line) for p in exc.value.problems] == [
+        ("moe.gate.n_group", 15),
+        ("moe.shared_gate", 16),
+    ]
+
+
+def test_every_cross_field_problem_says_what_its_check_reads() -> None:
+    # A key missing from CHECK_READS would be dropped silently from the second pass.
+    import re
+
+    import moeforge.compiler._spec as spec_module
+    from moeforge.compiler._spec import CHECK_READS
+
+    source = Path(spec_module.__file__).read_text()
+    written = set(re.findall(r'f?"((?:attention|moe)\.[a-z_.]+):', source))
+    written |= {f"moe.{k}" for k in ("routed_experts", "shared_experts", "top_k", "expert_hidden", "layers")}
+    written |= {"attention.n_kv_heads"}
+    assert len(written) >= 18
+    assert written <= set(CHECK_READS)

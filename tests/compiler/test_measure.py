@@ -43,6 +43,41 @@ def test_drawn_specs_agree_with_three_counters(spec: ModelSpec) -> None:
     assert m["fvcore_forward_flops_per_token"] == acc.forward_flops_per_token
 
 
+MLA = {
+    "kind": "mla",
+    "n_heads": 4,
+    "kv_lora_rank": 8,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 6,
+}
+DEEPSEEK_FEATURES = {
+    "mla": {"attention": {**MLA, "q_lora_rank": 12, "bias": True}},
+    "mla-without-q-latent": {"attention": MLA},
+    "sigmoid": {"gate": {"score": "sigmoid", "normalize_topk": True, "routed_scaling": 2.5}},
+    "selection-bias": {"gate": {"selection_bias": True, "bias_update_speed": 0.001}},
+    "selection-bias-buffer": {"gate": {"selection_bias": True, "bias_is_parameter": False}},
+    "v2-groups": {"gate": {"n_group": 4, "topk_group": 2}},
+    "v3-groups": {"gate": {"score": "sigmoid", "selection_bias": True, "n_group": 2, "topk_group": 1}},
+    "shared-gate": {"shared_gate": True},
+}
+
+
+@pytest.mark.parametrize("feature", DEEPSEEK_FEATURES)
+def test_each_deepseek_feature_agrees_with_three_counters(feature: str) -> None:
+    # Each feature alone on the debug model, so none depends on what the hypothesis draws above happen to hit.
+    change = DEEPSEEK_FEATURES[feature]
+    base = load_spec("debug").model_dump()
+    moe = {**base["moe"], **{k: v for k, v in change.items() if k != "attention"}}
+    spec = tiny_spec(attention=change.get("attention", base["attention"]), moe=moe)
+    acc = account(spec)
+    m = measure(spec, batch_size=2)
+    assert m["params_total"] == acc.params_total
+    assert m["forward_flops_per_token"] == acc.forward_flops_per_token
+    assert m["train_flops_per_token"] == acc.train_flops_per_token
+    assert m["fvcore_forward_flops_per_token"] == acc.forward_flops_per_token
+
+
 def test_measure_returns_the_documented_keys() -> None:
     spec = tiny_spec()
     m = measure(spec, batch_size=3, seq_len=8)
