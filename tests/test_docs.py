@@ -30,6 +30,9 @@ TEST_COMMAND = (
 RUN_BY = {
     TEST_COMMAND: ".ci/run",
     "moeforge report deepseekmoe-16b": "tests/test_docs.py::test_the_report_shown_is_what_report_prints",
+    "moeforge train debug --budget-flops 1e6": (
+        "tests/cli/test_train_cli.py::test_train_refuses_a_budget_too_small_to_train"
+    ),
     "moeforge compare gshard-2b ladder-shared-2b ladder-m2-2b ladder-m4-2b": (
         "tests/test_docs.py::test_the_compare_shown_runs"
     ),
