@@ -12,9 +12,9 @@ import optuna
 from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from ._run import best_trial, counted
 from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
+from ._trials import best_trial, counted
 
 RECORD_KEYS = (
     "number",

@@ -490,7 +490,7 @@ def _read_study(run_dir: Path) -> tuple[SearchSpec, list[dict[str, Any]]]:
     """A run dir's search spec and trial records, read from its study as `report` does, without rewriting
     the run dir's results (a fit reads a search; it never changes it)."""
     from ._driver import report
-    from ._run import is_rdb
+    from ._storage import is_rdb
 
     info = json.loads((run_dir / "run.json").read_text())
     storage = info["storage"]

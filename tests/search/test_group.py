@@ -15,7 +15,7 @@ from moeforge.search import (
     real_evaluator,
     run_worker,
 )
-from moeforge.search._run import make_pruner
+from moeforge.search._samplers import make_pruner
 
 
 @pytest.mark.slow

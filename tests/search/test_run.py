@@ -8,21 +8,25 @@ import subprocess
 import time
 from pathlib import Path
 
-import moeforge.search._run as run_mod
+import moeforge.search._heartbeat as heartbeat_mod
+import moeforge.search._worker as worker_mod
 import optuna
 import pytest
 from fakes import command, fake_evaluator
 from moeforge.search import (
     RunConfig,
+    SearchStop,
     TrialFailed,
     WorkerOptions,
     counted,
     load_search_corpus,
     make_sampler,
+    real_evaluator,
     run_search,
     run_worker,
 )
-from moeforge.search._run import make_pruner
+from moeforge.search._samplers import make_pruner
+from moeforge.search._trials import MAX_ATTEMPTS
 from optuna.trial import TrialState
 
 
@@ -63,7 +67,7 @@ def test_infeasible_proposals_are_recorded_not_trained_not_counted(make_search, 
 
 
 def test_repeated_spec_reuses_result(make_search, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_mod, "MAX_SKIPS", 15)
+    monkeypatch.setattr(worker_mod, "MAX_SKIPS", 15)
     s = make_search("  granularity: [2]\n  shared: [0, 1]", sampler="random", n_trials=5)
     study = _study(s)
     evaluate, calls = _counting(fake_evaluator(0))
@@ -130,7 +134,7 @@ def test_a_different_failure_is_retried_again(make_search, tmp_path):
 
     run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=lambda _: None))
     kinds = [t.user_attrs["fail_kind"] for t in study.get_trials()]
-    assert kinds == ["RuntimeError", "MemoryError", "ValueError"][: run_mod.MAX_ATTEMPTS]
+    assert kinds == ["RuntimeError", "MemoryError", "ValueError"][:MAX_ATTEMPTS]
     assert len(counted(study.get_trials())) == 1
 
 
@@ -271,7 +275,7 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(make_search, tmp_path
     train = "train: {device: cpu, batch_size: 2, eval_points: 4, cpu_threads: 1, options: {eval_tokens: 512, checkpoint_every_s: 0.0}}"
     s = make_search("  granularity: [2]", budget="4.0e+9", n_trials=1, extra=train)
     corpus = load_search_corpus(s)
-    real = run_mod.real_evaluator(s, corpus, "cpu")
+    real = real_evaluator(s, corpus, "cpu")
     cut = []
 
     def interrupted(spec, seed, budget, out_dir, on_eval):
@@ -330,9 +334,7 @@ def test_a_worker_with_other_data_refuses_to_join(make_search, tmp_path):
     cfg = RunConfig(tmp_path / "run", plots=False)
     run_search(s, cfg, evaluate=fake_evaluator(0), log=lambda _: None)
     text.write_bytes(b"def g(y):\n    return y * 2\n" * 400)  # same path, other tokens
-    with pytest.raises(
-        run_mod.SearchStop, match="trains on data with fingerprint .* this machine's data has"
-    ):
+    with pytest.raises(SearchStop, match="trains on data with fingerprint .* this machine's data has"):
         run_search(s, cfg, evaluate=fake_evaluator(0), log=lambda _: None)
     (rec,) = [
         r for r in json.loads((tmp_path / "run" / "trials.json").read_text()) if r["state"] == "COMPLETE"
@@ -364,9 +366,9 @@ def test_a_trial_whose_worker_died_right_after_ask_is_failed_and_retried(make_se
     s = make_search(n_trials=1)
     study = _study(s)
     orphan = study.ask()  # what a worker killed right after ask leaves behind
-    assert run_mod.reap_dead(study) == []  # young: its worker may still be starting it
-    monkeypatch.setattr(run_mod, "ORPHAN_S", 0.0)
-    assert run_mod.reap_dead(study) == [orphan.number]
+    assert heartbeat_mod.reap_dead(study) == []  # young: its worker may still be starting it
+    monkeypatch.setattr(heartbeat_mod, "ORPHAN_S", 0.0)
+    assert heartbeat_mod.reap_dead(study) == [orphan.number]
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     assert trials[-1].state == TrialState.WAITING and trials[-1].user_attrs["retry_of"] == orphan.number

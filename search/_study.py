@@ -1,0 +1,96 @@
+"""A search's study: created with its search spec and data recorded, or joined by a worker whose search
+and data agree with what it holds."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import optuna
+from moeforge.compiler import ModelSpec
+
+from ._data import data_record
+from ._errors import SearchStop
+from ._samplers import make_pruner, make_sampler
+from ._spec import SearchSpec
+from ._storage import is_rdb, open_storage, redact, stable
+
+if TYPE_CHECKING:
+    from moeforge.runtime import Corpus
+
+
+def _comparable(search: SearchSpec) -> dict:
+    """What must agree for two runs to share a study: everything but the cap and the timeout, with the base
+    compared as the validated spec (so `null`s or the form it was written in do not matter)."""
+    out = search.model_dump(mode="json", exclude={"n_trials", "timeout_s"})
+    with contextlib.suppress(Exception):  # an invalid base compares as written
+        out["base"] = ModelSpec.model_validate(search.base).model_dump(mode="json")
+    return out
+
+
+def open_study(
+    search: SearchSpec,
+    storage_url: str,
+    study_name: str,
+    worker: int = 0,
+    *,
+    corpus: Corpus | None = None,
+    concurrent: bool = False,
+    storage: optuna.storages.BaseStorage | None = None,
+) -> optuna.Study:
+    """Create the study or join it; refuse a study that holds a different search or different data.
+
+    Args:
+        storage: the storage of `storage_url` if the caller opened it already (`open_storage`).
+    """
+    storage = storage if storage is not None else open_storage(storage_url)
+    concurrent = concurrent or is_rdb(storage_url)
+
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            directions=search.directions,
+            sampler=make_sampler(search, worker, concurrent),
+            pruner=make_pruner(search),
+            load_if_exists=True,
+        )
+    except ValueError as e:
+        raise SearchStop(f"study {study_name!r}: {e}") from None
+    held = study.user_attrs.get("search")
+    if held is None:
+        _record_search(study, search)
+    elif _comparable(SearchSpec.model_validate(held)) != _comparable(search):
+        raise SearchStop(
+            f"study {study_name!r} in {redact(storage_url)} holds a different search; "
+            "use another --study or --out, or the same search spec and budget"
+        )
+    if corpus is not None:
+        mine = data_record(corpus)
+        data = study.user_attrs.get("data")
+        if data is None:
+            study.set_user_attr("data", mine)
+        elif data["fingerprint"] != mine["fingerprint"]:
+            raise SearchStop(
+                f"study {study_name!r} trains on data with fingerprint {data['fingerprint']} ({data['name']}, "
+                f"{data['train_tokens']:,} + {data['val_tokens']:,} tokens); this machine's data has "
+                f"{mine['fingerprint']} ({mine['name']}, {mine['train_tokens']:,} + {mine['val_tokens']:,} "
+                "tokens): results would not be comparable; give every worker the same data"
+            )
+    return study
+
+
+def _record_search(study: optuna.Study, search: SearchSpec) -> None:
+    names = [search.objective.metric] + (["params_total"] if search.objective.params_total else [])
+    with stable():  # what optuna-dashboard labels the objective by
+        study.set_metric_names(names)
+    study.set_user_attr("search", search.model_dump(mode="json"))
+
+
+def stored_search(study: optuna.Study) -> SearchSpec:
+    held = study.user_attrs.get("search")
+    if held is None:
+        raise SearchStop(
+            f"study {study.study_name!r} was not made by moeforge search (no search spec stored)"
+        )
+    return SearchSpec.model_validate(held)
