@@ -4,7 +4,8 @@ On RDB storage (PostgreSQL) every running trial records heartbeats, and any work
 before asking; `RetryHeartbeatStaleTrialCallback` queues them again (``MAX_ATTEMPTS`` in a chain). On the
 default journal file (one machine) a trial records its host and pid, and a worker fails and re-queues
 running trials of processes on this host that no longer exist. Ctrl-C does the same for the interrupted
-trial at once.
+trial at once. A retry keeps its trial's ``spec_key`` and the failed trial is marked ``retried``, so the
+spec's checkpoints stay for the retry to resume from.
 """
 
 from __future__ import annotations
@@ -113,12 +114,26 @@ def fail_and_retry(
     t: FrozenTrial | optuna.Trial,
     storage: optuna.storages.BaseStorage | None = None,
 ) -> bool:
-    """Fail a trial whose worker is gone (or was interrupted) and queue it again, up to MAX_ATTEMPTS."""
+    """Fail a trial whose worker is gone (or was interrupted) and queue it again, up to MAX_ATTEMPTS.
+
+    The retry carries the trial's ``spec_key`` and the trial is marked ``retried`` before it fails, so
+    checkpoint pruning never sees the spec without a trial that still needs its folder.
+    """
+    history = [*t.user_attrs.get("retry_history", []), t.number]
+    again = len(history) < MAX_ATTEMPTS
+    if again:
+        with contextlib.suppress(Exception):  # someone else finished or failed it first: tell says so
+            if isinstance(t, optuna.Trial):
+                t.set_user_attr("retried", True)
+            elif storage is not None:
+                storage.set_trial_user_attr(_trial_id(storage, study, t.number), "retried", True)
     try:
         study.tell(t.number, state=TrialState.FAIL)
     except Exception:  # noqa: BLE001 - someone else finished or failed it first
         return False
-    history = [*t.user_attrs.get("retry_history", []), t.number]
-    if len(history) < MAX_ATTEMPTS:
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_history": history})
+    if again:
+        attrs = {"retry_of": t.number, "retry_history": history}
+        if "spec_key" in t.user_attrs:
+            attrs["spec_key"] = t.user_attrs["spec_key"]
+        study.enqueue_trial(t.params, user_attrs=attrs)
     return True

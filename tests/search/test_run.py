@@ -4,6 +4,7 @@ from a trial's own checkpoint, and real training meets its FLOPs budget."""
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -372,3 +373,45 @@ def test_a_trial_whose_worker_died_right_after_ask_is_failed_and_retried(make_se
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     assert trials[-1].state == TrialState.WAITING and trials[-1].user_attrs["retry_of"] == orphan.number
+
+
+def test_a_dead_workers_retry_keeps_its_checkpoint_on_the_journal(make_search, tmp_path):
+    """The default journal finds a dead worker by its pid: its trial is failed and queued again with its
+    spec_key and marked retried, so pruning checkpoints (keep_checkpoints: best) leaves the folder the
+    retry resumes from."""
+    import sys
+
+    from moeforge.search import open_storage, open_study
+    from moeforge.search._checkpoints import prune_checkpoints
+
+    s = make_search(n_trials=4)
+    run_dir = tmp_path / "run"
+    url = str(run_dir / "study.journal")
+    storage = open_storage(url)
+    study = open_study(s, url, "t", storage=storage)
+    best = study.ask()
+    best.set_user_attr("spec_key", "best-spec")
+    study.tell(best, [1.0])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    cut = study.ask()
+    for k, v in {
+        "spec_key": "cut-spec",
+        "counted": True,
+        "host": socket.gethostname(),
+        "pid": gone.pid,
+    }.items():
+        cut.set_user_attr(k, v)
+    ckpt = run_dir / "trials" / "cut-spec" / "seed-0" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+
+    assert heartbeat_mod.reap_dead(study, storage) == [cut.number]
+    trials = study.get_trials()
+    retry = trials[-1]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == cut.number
+    assert retry.user_attrs["spec_key"] == "cut-spec"
+    assert trials[cut.number].state == TrialState.FAIL and trials[cut.number].user_attrs["retried"]
+    assert prune_checkpoints(study, s, run_dir) == []
+    assert (ckpt / "model.safetensors").is_file()
+
