@@ -4,6 +4,7 @@ and data agree with what it holds."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING
 
 import optuna
@@ -17,6 +18,8 @@ from ._storage import is_rdb, open_storage, redact, stable
 
 if TYPE_CHECKING:
     from moeforge.runtime import Corpus
+
+SETUP_S = 30.0  # how long a joining worker waits for the study's creator to record its search spec
 
 
 def _comparable(search: SearchSpec) -> dict:
@@ -40,25 +43,41 @@ def open_study(
 ) -> optuna.Study:
     """Create the study or join it; refuse a study that holds a different search or different data.
 
+    Creating a study is atomic in every Optuna storage (one of two workers creating the same name gets
+    `DuplicatedStudyError`), so only the creator records the search spec and the data; a worker that
+    joins waits for them and compares. Two workers with different searches starting at the same moment
+    cannot both pass the check.
+
     Args:
         storage: the storage of `storage_url` if the caller opened it already (`open_storage`).
     """
     storage = storage if storage is not None else open_storage(storage_url)
     concurrent = concurrent or is_rdb(storage_url)
 
-    try:
-        study = optuna.create_study(
+    def create(load_if_exists: bool) -> optuna.Study:
+        return optuna.create_study(
             storage=storage,
             study_name=study_name,
             directions=search.directions,
             sampler=make_sampler(search, worker, concurrent),
             pruner=make_pruner(search),
-            load_if_exists=True,
+            load_if_exists=load_if_exists,
         )
+
+    try:
+        try:
+            study, created = create(False), True
+        except optuna.exceptions.DuplicatedStudyError:
+            study, created = create(True), False
     except ValueError as e:
         raise SearchStop(f"study {study_name!r}: {e}") from None
-    held = study.user_attrs.get("search")
-    if held is None:
+    if created:
+        if corpus is not None:
+            study.set_user_attr("data", data_record(corpus))
+        _record_search(study, search)  # last: a joining worker waits for it
+        return study
+    held = _wait_for_search(study)
+    if held is None:  # a study without a search spec (made by Optuna itself): this search takes it
         _record_search(study, search)
     elif _comparable(SearchSpec.model_validate(held)) != _comparable(search):
         raise SearchStop(
@@ -85,6 +104,16 @@ def _record_search(study: optuna.Study, search: SearchSpec) -> None:
     with stable():  # what optuna-dashboard labels the objective by
         study.set_metric_names(names)
     study.set_user_attr("search", search.model_dump(mode="json"))
+
+
+def _wait_for_search(study: optuna.Study) -> dict | None:
+    """The search spec a joined study holds, waiting up to SETUP_S for a creator that is recording it."""
+    deadline = time.monotonic() + SETUP_S
+    while True:
+        held = study.user_attrs.get("search")
+        if held is not None or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
 
 
 def stored_search(study: optuna.Study) -> SearchSpec:

@@ -415,3 +415,48 @@ def test_a_dead_workers_retry_keeps_its_checkpoint_on_the_journal(make_search, t
     assert prune_checkpoints(study, s, run_dir) == []
     assert (ckpt / "model.safetensors").is_file()
 
+
+def test_two_workers_with_different_searches_racing_to_create_a_study_one_refuses(
+    make_search, tmp_path, monkeypatch
+):
+    """Both open a new study on one journal at the same moment; the attribute writes are slowed so both
+    would have read the study before either recorded its search."""
+    import threading
+
+    from moeforge.search import open_storage, open_study
+
+    a = make_search(n_trials=2, name="a")
+    b = make_search(n_trials=2, name="b", budget="2.0e+9")
+    url = str(tmp_path / "run" / "study.journal")
+    set_attr = optuna.Study.set_user_attr
+
+    def slow_set(self, key, value):
+        time.sleep(0.3)
+        set_attr(self, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", slow_set)
+    start = threading.Barrier(2)
+    outcome: dict = {}
+
+    def open_one(search):
+        storage = open_storage(url)
+        start.wait()
+        try:
+            open_study(search, url, "shared", storage=storage)
+            outcome[search.name] = "joined"
+        except SearchStop as e:
+            outcome[search.name] = str(e)
+
+    threads = [threading.Thread(target=open_one, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcome) == ["a", "b"]
+    joined = [n for n, o in outcome.items() if o == "joined"]
+    refused = [o for o in outcome.values() if o != "joined"]
+    assert len(joined) == 1 and len(refused) == 1, outcome
+    assert "holds a different search" in refused[0]
+    held = optuna.load_study(study_name="shared", storage=open_storage(url)).user_attrs["search"]
+    assert held["name"] == joined[0]
+
