@@ -163,8 +163,9 @@ def train_trial(
 
         def on_eval(fraction: float, metrics: dict, seed: int = seed, first: bool = i == 0) -> None:
             value = metrics.get(metric, metrics.get("val_loss"))
+            shown = "n/a" if value is None else f"{value:.4f}"  # no bits per byte for a non-finite loss
             log(
-                f"{prefix} trial {trial.number} ({label}) seed {seed}: {fraction:4.0%} of budget, {metric} {value:.4f}"
+                f"{prefix} trial {trial.number} ({label}) seed {seed}: {fraction:4.0%} of budget, {metric} {shown}"
             )
             if first and prune and value is not None:
                 trial.report(float(value), step=max(1, round(fraction * eval_points)))

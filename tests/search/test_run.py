@@ -460,3 +460,20 @@ def test_two_workers_with_different_searches_racing_to_create_a_study_one_refuse
     held = optuna.load_study(study_name="shared", storage=open_storage(url)).user_attrs["search"]
     assert held["name"] == joined[0]
 
+
+def test_a_non_finite_bits_per_byte_fails_as_no_metric(make_search, tmp_path):
+    """A validation loss that is not finite has no bits per byte (None): the trial fails for that, not
+    for a TypeError from formatting None in the progress line."""
+    s = make_search("  granularity: [2]", n_trials=1, extra="objective: {metric: val_bits_per_byte}")
+    study = _study(s)
+    logs: list[str] = []
+
+    def evaluate(spec, seed, budget, out_dir, on_eval):
+        on_eval(0.5, {"val_loss": float("nan"), "val_bits_per_byte": None})
+        return {"final_val_loss": float("nan"), "val_bits_per_byte": None, "budget_flops": budget}
+
+    run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=logs.append))
+    t = study.get_trials()[0]
+    assert t.state == TrialState.FAIL
+    assert t.user_attrs["fail_kind"] == "NoMetric", t.user_attrs.get("fail_reason")
+    assert any("50% of budget, val_bits_per_byte n/a" in line for line in logs), logs
