@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -118,10 +119,29 @@ def _group_evaluate(
     return json.loads((out_dir / "summary.json").read_text())
 
 
+# torchrun's own log lines (glog style: I1207 11:02:32.548 ...) and the decoration of its failure report
+_LAUNCHER_LINE = re.compile(r"^(?:[IWEF]\d{4} |WARNING:|\*+$|=+$|-+$|\[\d+\]:$)")
+# a process's exception line, which torch may prefix with its rank: [rank0]: IndexError: ...
+_EXCEPTION_LINE = re.compile(
+    r"^(?:\[rank\d+\]:\s*)?((?:\w+\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Exit|Failed|Diverged|OutOfMemory)\b:?.*)$"
+)
+
+
 def group_failure(stderr: str, returncode: int) -> str:
-    """The one line that says why a torchrun group failed, from its stderr."""
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("W", "I", " "))]
-    return lines[-1] if lines else f"exit status {returncode}"
+    """The one line that says why a torchrun group failed, from its stderr: the first exception a
+    process raised (the first observed failure; a peer's failure makes the others fail after it), not
+    torchrun's own ChildFailedError; else torchrun's last line that is not a log line or decoration."""
+    lines = [ln.rstrip() for ln in stderr.splitlines() if ln.strip()]
+    raised = [m.group(1) for ln in lines if (m := _EXCEPTION_LINE.match(ln)) and "ChildFailedError" not in ln]
+    if raised:
+        return raised[0]
+    report = next((i for i, ln in enumerate(lines) if "ChildFailedError" in ln), len(lines))
+    rest = [
+        ln
+        for ln in lines[:report]  # before torchrun's own traceback and failure report
+        if not ln.startswith((" ", "Traceback ")) and not _LAUNCHER_LINE.match(ln)
+    ]
+    return rest[-1] if rest else f"exit status {returncode}"
 
 
 def _finished_summary(out_dir: Path, budget: float) -> dict | None:
