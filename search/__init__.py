@@ -31,29 +31,23 @@ from ._space import Infeasible, constraint_values, describe, grid_space, spec_ke
 from ._spec import SearchSpec, load_search, search_schema
 
 if TYPE_CHECKING:
+    from ._data import data_problem, load_search_corpus
     from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
+    from ._errors import SearchStop, TrialFailed
+    from ._evaluate import Evaluate, real_evaluator
     from ._records import trial_record, trial_records
     from ._results import leaderboard, noise_marks, write_results
-    from ._run import (
-        Evaluate,
-        SearchStop,
-        TrialFailed,
-        WorkerOptions,
-        counted,
-        data_problem,
-        load_search_corpus,
-        make_sampler,
-        open_storage,
-        open_study,
-        real_evaluator,
-        run_worker,
-    )
+    from ._samplers import make_sampler
     from ._scaling.errors import FitFailed, ScalingInputError
     from ._scaling.fit import Fit, fit_from_data, fit_law, load_fit
     from ._scaling.laws import LAWS
     from ._scaling.plots import write_scaling_plots
     from ._scaling.predict import Prediction, predict_optimum, realize
     from ._scaling.runs import Runs, load_runs, n_words, runs_from_records
+    from ._storage import open_storage
+    from ._study import open_study
+    from ._trials import counted
+    from ._worker import WorkerOptions, run_worker
 
 # Names that need Optuna resolve on first use (PEP 562), so loading and validating a search spec
 # (`moeforge validate`) does not pay for importing it.
@@ -68,23 +62,15 @@ _LAZY = {
     **dict.fromkeys(("Prediction", "predict_optimum", "realize"), "_scaling.predict"),
     **dict.fromkeys(("Runs", "load_runs", "n_words", "runs_from_records"), "_scaling.runs"),
     "write_scaling_plots": "_scaling.plots",
-    **dict.fromkeys(
-        (
-            "Evaluate",
-            "SearchStop",
-            "TrialFailed",
-            "WorkerOptions",
-            "counted",
-            "data_problem",
-            "load_search_corpus",
-            "make_sampler",
-            "open_storage",
-            "open_study",
-            "real_evaluator",
-            "run_worker",
-        ),
-        "_run",
-    ),
+    # the search's engine, one concept per module (see each module's docstring)
+    **dict.fromkeys(("data_problem", "load_search_corpus"), "_data"),
+    **dict.fromkeys(("SearchStop", "TrialFailed"), "_errors"),
+    **dict.fromkeys(("Evaluate", "real_evaluator"), "_evaluate"),
+    "make_sampler": "_samplers",
+    "open_storage": "_storage",
+    "open_study": "_study",
+    "counted": "_trials",
+    **dict.fromkeys(("WorkerOptions", "run_worker"), "_worker"),
 }
 
 

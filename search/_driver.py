@@ -16,26 +16,17 @@ from typing import Any
 
 import optuna
 
+from ._data import load_search_corpus
+from ._errors import SearchStop
+from ._evaluate import Evaluate, real_evaluator
 from ._records import trial_records
 from ._results import write_results
-from ._run import (
-    Evaluate,
-    SearchStop,
-    WorkerOptions,
-    best_trial,
-    counted,
-    default_storage,
-    is_rdb,
-    load_search_corpus,
-    open_study,
-    real_evaluator,
-    redact,
-    run_worker,
-    stored_search,
-)
 from ._space import check_budgets
 from ._spec import SearchSpec
-from ._study import load_study, run_dir_storage
+from ._storage import default_storage, is_rdb, open_storage, redact
+from ._study import load_study, open_study, run_dir_storage, stored_search
+from ._trials import best_trial, counted
+from ._worker import WorkerOptions, run_worker
 
 
 @dataclass
@@ -110,7 +101,8 @@ def run_search(
     # A storage given by URL or path is meant to be shared: salt the sampler seed per process, or every
     # machine running this same command would propose the same specs in the same order.
     salt = process_salt() if cfg.storage else 0
-    study = open_study(search, url, name, salt, corpus=corpus, concurrent=workers > 1)
+    storage = open_storage(url)
+    study = open_study(search, url, name, salt, corpus=corpus, concurrent=workers > 1, storage=storage)
     # The default journal is stored relative to the run dir, so a moved run dir still reports.
     stored = "study.journal" if cfg.storage is None else (url if is_rdb(url) else str(Path(url).resolve()))
     run_info = {"storage": redact(stored), "study": name, "search": search.name}
@@ -127,7 +119,7 @@ def run_search(
     try:
         if workers <= 1:
             evaluate = evaluate or real_evaluator(search, corpus, cfg.device)
-            run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, log, corpus))
+            run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, log, corpus, storage=storage))
         else:
             worker_errors = _run_processes(search, study, url, name, workers, cfg, log)
     except KeyboardInterrupt:
@@ -151,20 +143,21 @@ def run_search(
 
 def run_one_worker(run_dir: Path, storage: str, study_name: str, worker: int, cfg: RunConfig) -> int:
     """The hidden ``--worker`` entry point: join the study and work until the cap."""
+    st = storage_for(storage)
     try:
-        probe = optuna.load_study(study_name=study_name, storage=storage_for(storage))
+        probe = optuna.load_study(study_name=study_name, storage=st)
     except KeyError:
         raise SearchStop(f"no study {study_name!r} in {redact(storage)}") from None
     search = stored_search(probe)
     corpus = load_search_corpus(search)
-    study = open_study(search, storage, study_name, worker + process_salt(), corpus=corpus, concurrent=True)
+    study = open_study(
+        search, storage, study_name, worker + process_salt(), corpus=corpus, concurrent=True, storage=st
+    )
     evaluate = real_evaluator(search, corpus, cfg.device)
-    return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log, corpus))
+    return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log, corpus, storage=st))
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    from ._run import open_storage
-
     return open_storage(url)
 
 

@@ -3,10 +3,10 @@
 With ``train.devices_per_trial: k`` the search's evaluator starts
 ``python -m torch.distributed.run --standalone --nproc_per_node k -m moeforge.search._group JOB.json``
 (torchrun is PyTorch's own launcher; nothing here starts or joins processes by hand). Each process reads
-the job, joins the group (`moeforge.runtime.init_distributed`), builds the spec on the meta device,
-materializes it on its device and trains it with `moeforge.runtime.train`, which splits every global
-batch over the processes and has rank 0 write the run dir (summary.json, metrics.jsonl, checkpoint).
-The evaluator reads the summary when the group has finished.
+the job (`_training.job`), joins the group (`moeforge.runtime.init_distributed`), builds the spec on the
+meta device, materializes it on its device and trains it (`_training.train_spec`), which splits every
+global batch over the processes and has rank 0 write the run dir (summary.json, metrics.jsonl,
+checkpoint). The evaluator reads the summary when the group has finished.
 """
 
 from __future__ import annotations
@@ -15,31 +15,16 @@ import json
 import sys
 from pathlib import Path
 
+from moeforge.compiler import ModelSpec, build, materialize
+from moeforge.runtime import init_distributed, resolve_device
+from moeforge.runtime._dist import close, stop_on_sigterm
 
-def job(search, spec, seed: int, budget: float, device: str, out_dir: Path, resume: bool, rule: dict) -> dict:
-    """The job file's content: everything a process needs, as JSON."""
-    return {
-        "search": search.model_dump(mode="json"),
-        "spec": spec.model_dump(mode="json"),
-        "seed": seed,
-        "budget": budget,
-        "device": device,
-        "out_dir": str(out_dir),
-        "resume": resume,
-        "rule": rule,
-    }
+from ._data import load_search_corpus
+from ._spec import SearchSpec, train_config
+from ._training import train_spec
 
 
 def main(path: str) -> int:
-    import dataclasses
-
-    from moeforge.compiler import ModelSpec, account, build, materialize
-    from moeforge.runtime import init_distributed, resolve_device, train
-    from moeforge.runtime._dist import close, stop_on_sigterm
-
-    from ._run import load_search_corpus
-    from ._spec import SearchSpec, train_config
-
     j = json.loads(Path(path).read_text())
     search = SearchSpec.model_validate(j["search"])
     spec = ModelSpec.model_validate(j["spec"])
@@ -51,17 +36,8 @@ def main(path: str) -> int:
         corpus = load_search_corpus(search)
         model = build(spec, device="meta")
         materialize(model, spec, device, seed=j["seed"])
-        train(
-            model,
-            seq_len=spec.seq_len,
-            train_flops_per_token=account(spec).train_flops_per_token,
-            corpus=dataclasses.replace(corpus, vocab_size=spec.vocab_size),
-            cfg=cfg,
-            out_dir=Path(j["out_dir"]),
-            resume=j["resume"],
-            progress=False,
-            extra_summary={"spec_name": spec.name, "world": d.world},
-        )
+        out_dir = Path(j["out_dir"])
+        train_spec(model, spec, corpus, cfg, out_dir, resume=j["resume"], extra_summary={"world": d.world})
     finally:
         close()
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ._run import counted
+from ._trials import counted
 
 RECORD_KEYS = (
     "number",

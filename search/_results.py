@@ -13,9 +13,9 @@ from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import TrialState
 
 from ._records import RECORD_KEYS, trial_record, trial_records
-from ._run import best_trial, counted
 from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
+from ._trials import best_trial, counted
 
 
 def write_results(

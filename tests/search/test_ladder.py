@@ -10,9 +10,11 @@ from fakes import fake_evaluator
 from moeforge.compiler import SpecError, account
 from moeforge.search import WorkerOptions, make_sampler, run_worker, trial_records, trial_to_spec
 from moeforge.search._results import evidence
-from moeforge.search._run import best_trial, make_pruner, rule_for
+from moeforge.search._samplers import make_pruner
 from moeforge.search._seeds import tied
 from moeforge.search._spec import MIN_STEPS
+from moeforge.search._training import rule_for
+from moeforge.search._trials import best_trial
 
 
 def _run(s, tmp_path, study=None):

@@ -4,25 +4,30 @@ from a trial's own checkpoint, and real training meets its FLOPs budget."""
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
-import moeforge.search._run as run_mod
+import moeforge.search._heartbeat as heartbeat_mod
+import moeforge.search._worker as worker_mod
 import optuna
 import pytest
 from fakes import command, fake_evaluator
 from moeforge.search import (
     RunConfig,
+    SearchStop,
     TrialFailed,
     WorkerOptions,
     counted,
     load_search_corpus,
     make_sampler,
+    real_evaluator,
     run_search,
     run_worker,
 )
-from moeforge.search._run import make_pruner
+from moeforge.search._samplers import make_pruner
+from moeforge.search._trials import MAX_ATTEMPTS
 from optuna.trial import TrialState
 
 
@@ -63,7 +68,7 @@ def test_infeasible_proposals_are_recorded_not_trained_not_counted(make_search, 
 
 
 def test_repeated_spec_reuses_result(make_search, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_mod, "MAX_SKIPS", 15)
+    monkeypatch.setattr(worker_mod, "MAX_SKIPS", 15)
     s = make_search("  granularity: [2]\n  shared: [0, 1]", sampler="random", n_trials=5)
     study = _study(s)
     evaluate, calls = _counting(fake_evaluator(0))
@@ -130,7 +135,7 @@ def test_a_different_failure_is_retried_again(make_search, tmp_path):
 
     run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=lambda _: None))
     kinds = [t.user_attrs["fail_kind"] for t in study.get_trials()]
-    assert kinds == ["RuntimeError", "MemoryError", "ValueError"][: run_mod.MAX_ATTEMPTS]
+    assert kinds == ["RuntimeError", "MemoryError", "ValueError"][:MAX_ATTEMPTS]
     assert len(counted(study.get_trials())) == 1
 
 
@@ -271,7 +276,7 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(make_search, tmp_path
     train = "train: {device: cpu, batch_size: 2, eval_points: 4, cpu_threads: 1, options: {eval_tokens: 512, checkpoint_every_s: 0.0}}"
     s = make_search("  granularity: [2]", budget="4.0e+9", n_trials=1, extra=train)
     corpus = load_search_corpus(s)
-    real = run_mod.real_evaluator(s, corpus, "cpu")
+    real = real_evaluator(s, corpus, "cpu")
     cut = []
 
     def interrupted(spec, seed, budget, out_dir, on_eval):
@@ -330,9 +335,7 @@ def test_a_worker_with_other_data_refuses_to_join(make_search, tmp_path):
     cfg = RunConfig(tmp_path / "run", plots=False)
     run_search(s, cfg, evaluate=fake_evaluator(0), log=lambda _: None)
     text.write_bytes(b"def g(y):\n    return y * 2\n" * 400)  # same path, other tokens
-    with pytest.raises(
-        run_mod.SearchStop, match="trains on data with fingerprint .* this machine's data has"
-    ):
+    with pytest.raises(SearchStop, match="trains on data with fingerprint .* this machine's data has"):
         run_search(s, cfg, evaluate=fake_evaluator(0), log=lambda _: None)
     (rec,) = [
         r for r in json.loads((tmp_path / "run" / "trials.json").read_text()) if r["state"] == "COMPLETE"
@@ -364,9 +367,113 @@ def test_a_trial_whose_worker_died_right_after_ask_is_failed_and_retried(make_se
     s = make_search(n_trials=1)
     study = _study(s)
     orphan = study.ask()  # what a worker killed right after ask leaves behind
-    assert run_mod.reap_dead(study) == []  # young: its worker may still be starting it
-    monkeypatch.setattr(run_mod, "ORPHAN_S", 0.0)
-    assert run_mod.reap_dead(study) == [orphan.number]
+    assert heartbeat_mod.reap_dead(study) == []  # young: its worker may still be starting it
+    monkeypatch.setattr(heartbeat_mod, "ORPHAN_S", 0.0)
+    assert heartbeat_mod.reap_dead(study) == [orphan.number]
     trials = study.get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     assert trials[-1].state == TrialState.WAITING and trials[-1].user_attrs["retry_of"] == orphan.number
+
+
+def test_a_dead_workers_retry_keeps_its_checkpoint_on_the_journal(make_search, tmp_path):
+    """The default journal finds a dead worker by its pid: its trial is failed and queued again with its
+    spec_key and marked retried, so pruning checkpoints (keep_checkpoints: best) leaves the folder the
+    retry resumes from."""
+    import sys
+
+    from moeforge.search import open_storage, open_study
+    from moeforge.search._checkpoints import prune_checkpoints
+
+    s = make_search(n_trials=4)
+    run_dir = tmp_path / "run"
+    url = str(run_dir / "study.journal")
+    storage = open_storage(url)
+    study = open_study(s, url, "t", storage=storage)
+    best = study.ask()
+    best.set_user_attr("spec_key", "best-spec")
+    study.tell(best, [1.0])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    cut = study.ask()
+    for k, v in {
+        "spec_key": "cut-spec",
+        "counted": True,
+        "host": socket.gethostname(),
+        "pid": gone.pid,
+    }.items():
+        cut.set_user_attr(k, v)
+    ckpt = run_dir / "trials" / "cut-spec" / "seed-0" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+
+    assert heartbeat_mod.reap_dead(study, storage) == [cut.number]
+    trials = study.get_trials()
+    retry = trials[-1]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == cut.number
+    assert retry.user_attrs["spec_key"] == "cut-spec"
+    assert trials[cut.number].state == TrialState.FAIL and trials[cut.number].user_attrs["retried"]
+    assert prune_checkpoints(study, s, run_dir) == []
+    assert (ckpt / "model.safetensors").is_file()
+
+
+def test_two_workers_with_different_searches_racing_to_create_a_study_one_refuses(
+    make_search, tmp_path, monkeypatch
+):
+    """Both open a new study on one journal at the same moment; the attribute writes are slowed so both
+    would have read the study before either recorded its search."""
+    import threading
+
+    from moeforge.search import open_storage, open_study
+
+    a = make_search(n_trials=2, name="a")
+    b = make_search(n_trials=2, name="b", budget="2.0e+9")
+    url = str(tmp_path / "run" / "study.journal")
+    set_attr = optuna.Study.set_user_attr
+
+    def slow_set(self, key, value):
+        time.sleep(0.3)
+        set_attr(self, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", slow_set)
+    start = threading.Barrier(2)
+    outcome: dict = {}
+
+    def open_one(search):
+        storage = open_storage(url)
+        start.wait()
+        try:
+            open_study(search, url, "shared", storage=storage)
+            outcome[search.name] = "joined"
+        except SearchStop as e:
+            outcome[search.name] = str(e)
+
+    threads = [threading.Thread(target=open_one, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcome) == ["a", "b"]
+    joined = [n for n, o in outcome.items() if o == "joined"]
+    refused = [o for o in outcome.values() if o != "joined"]
+    assert len(joined) == 1 and len(refused) == 1, outcome
+    assert "holds a different search" in refused[0]
+    held = optuna.load_study(study_name="shared", storage=open_storage(url)).user_attrs["search"]
+    assert held["name"] == joined[0]
+
+
+def test_a_non_finite_bits_per_byte_fails_as_no_metric(make_search, tmp_path):
+    """A validation loss that is not finite has no bits per byte (None): the trial fails for that, not
+    for a TypeError from formatting None in the progress line."""
+    s = make_search("  granularity: [2]", n_trials=1, extra="objective: {metric: val_bits_per_byte}")
+    study = _study(s)
+    logs: list[str] = []
+
+    def evaluate(spec, seed, budget, out_dir, on_eval):
+        on_eval(0.5, {"val_loss": float("nan"), "val_bits_per_byte": None})
+        return {"final_val_loss": float("nan"), "val_bits_per_byte": None, "budget_flops": budget}
+
+    run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=logs.append))
+    t = study.get_trials()[0]
+    assert t.state == TrialState.FAIL
+    assert t.user_attrs["fail_kind"] == "NoMetric", t.user_attrs.get("fail_reason")
+    assert any("50% of budget, val_bits_per_byte n/a" in line for line in logs), logs
