@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._config import TrainConfig
+from ._launch import python_module_cmd, torchrun_args
 
 if TYPE_CHECKING:
     from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
         read_token_file,
         write_token_file,
     )
-    from ._dist import Dist, PeerFailed, init_distributed
+    from ._dist import Dist, PeerFailed, close_distributed, init_distributed, stop_on_sigterm, world_from_env
     from ._experts import Experts
     from ._layers import (
         Attention,
@@ -48,7 +49,10 @@ _LAZY = {
         ("check_shapes", "find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"),
         "_checkpoint",
     ),
-    **dict.fromkeys(("Dist", "PeerFailed", "init_distributed"), "_dist"),
+    **dict.fromkeys(
+        ("Dist", "PeerFailed", "close_distributed", "init_distributed", "stop_on_sigterm", "world_from_env"),
+        "_dist",
+    ),
     **dict.fromkeys(
         (
             "Corpus",
@@ -140,6 +144,11 @@ __all__ = [
     "Dist",
     "PeerFailed",
     "init_distributed",
+    "close_distributed",
+    "stop_on_sigterm",
+    "world_from_env",
+    "python_module_cmd",
+    "torchrun_args",
     "Diverged",
     "OutOfMemory",
     "Trainer",

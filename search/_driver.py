@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from moeforge.runtime import python_module_cmd
 
 from ._results import write_results
 from ._run import (
@@ -187,7 +188,7 @@ def _run_processes(
     gpus = _gpus() if (cfg.device or search.train.device) in ("auto", "cuda") else []
     procs = []
     for i in range(workers):
-        cmd = [sys.executable, "-m", "moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir)]
+        cmd = python_module_cmd("moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir))
         cmd += ["--storage", url, "--study", name]
         if cfg.device:
             cmd += ["--device", cfg.device]

@@ -34,8 +34,7 @@ def main(path: str) -> int:
     import dataclasses
 
     from moeforge.compiler import ModelSpec, account, build, materialize
-    from moeforge.runtime import init_distributed, resolve_device, train
-    from moeforge.runtime._dist import close, stop_on_sigterm
+    from moeforge.runtime import close_distributed, init_distributed, resolve_device, stop_on_sigterm, train
 
     from ._run import load_search_corpus
     from ._spec import SearchSpec, train_config
@@ -63,7 +62,7 @@ def main(path: str) -> int:
             extra_summary={"spec_name": spec.name, "world": d.world},
         )
     finally:
-        close()
+        close_distributed()
     return 0
 
 

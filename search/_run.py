@@ -415,6 +415,8 @@ def _group_evaluate(
     load)."""
     import subprocess
 
+    from moeforge.runtime import torchrun_args
+
     from ._group import job
 
     k = search.train.devices_per_trial
@@ -422,8 +424,12 @@ def _group_evaluate(
     path = out_dir / "group_job.json"
     rule = rule_for(search, spec, budget)
     path.write_text(json.dumps(job(search, spec, seed, budget, device, out_dir, resume, rule)) + "\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
-    cmd += ["-m", "moeforge.search._group", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args(k, "moeforge.search._group", str(path)),
+    ]
     env = dict(os.environ)
     if search.train.cpu_threads:
         env["OMP_NUM_THREADS"] = str(search.train.cpu_threads)

@@ -137,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
                 EXIT_BAD_INPUT,
             )
         return launch(args.nproc, args.argv)
-    from moeforge.runtime._dist import close
+    from moeforge.runtime import close_distributed
 
     try:
         return _run(args)
     finally:
-        close()  # leave the process group (a no-op for one process)
+        close_distributed()  # leave the process group (a no-op for one process)
 
 
 def launch(nproc: int, argv: list[str]) -> int:
@@ -162,9 +162,10 @@ def launch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    torch_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeforge", *rest]
-    )
+    from moeforge.runtime import torchrun_args
+
+    # not torchrun's -m: that would put the working directory first on the children's path
+    torch_args = get_args_parser().parse_args(torchrun_args(nproc, "moeforge", *rest))
     try:
         torchrun(torch_args)
     except ChildFailedError as e:
@@ -189,9 +190,10 @@ def _run(args: argparse.Namespace) -> int:
         load_corpus,
         planned_tokens,
         resolve_device,
+        stop_on_sigterm,
         train,
+        world_from_env,
     )
-    from moeforge.runtime._dist import stop_on_sigterm, world_from_env
 
     # several processes (torchrun): errors every rank meets alike are printed by rank 0 only
     main = int(os.environ.get("RANK", "0")) == 0
