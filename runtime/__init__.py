@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import TrainConfig
 from ._launch import python_module_cmd, torchrun_args
+from ._tracking import TRACKERS, MissingTracker, TrackerFailed, Tracking, check_trackers
 
 if TYPE_CHECKING:
     from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -149,6 +150,11 @@ __all__ = [
     "world_from_env",
     "python_module_cmd",
     "torchrun_args",
+    "TRACKERS",
+    "MissingTracker",
+    "TrackerFailed",
+    "Tracking",
+    "check_trackers",
     "Diverged",
     "OutOfMemory",
     "Trainer",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import SPEC_HELP, add_overrides, console, print_json
+from ._tracking import add_log_flag, check_log_flag, run_tracking
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SPEC_FILE = "spec.yaml"
@@ -105,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPU threads for torch ops (default: 1 for models under 10M parameters, whose ops are too small to "
         "split, else torch's default)",
     )
+    add_log_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON (progress bar off)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.set_defaults(run=run)
@@ -117,6 +119,10 @@ def _fail(msg: str, code: int, rank: int | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if check_log_flag("train", args.log):  # before torchrun starts anything
+        from moeforge.cli import EXIT_BAD_INPUT
+
+        return EXIT_BAD_INPUT
     if args.nproc is not None and args.nproc < 1:
         from moeforge.cli import EXIT_BAD_INPUT
 
@@ -299,6 +305,7 @@ def _run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not (args.json or args.no_progress),
             extra_summary={"spec": spec.name, "run_dir": str(out)},
+            tracking=run_tracking(args.log, out, spec.name, out.name, {**cfg.to_dict(), "data": data}),
         )
     except Diverged as e:
         return fail(f"{e} (run dir {out})", EXIT_DIVERGED)
