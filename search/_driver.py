@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from moeforge.runtime import python_module_cmd
 
+from ._progress import SearchProgress
 from ._results import write_results
 from ._run import (
     Evaluate,
@@ -34,6 +35,7 @@ from ._run import (
     stored_search,
 )
 from ._spec import SearchSpec
+from ._tracking import SearchTracking
 
 
 @dataclass
@@ -47,6 +49,10 @@ class RunConfig:
     """Worker processes on this machine; None (``--workers auto``) picks `auto_workers`."""
     device: str | None = None
     plots: bool = True
+    log: tuple[str, ...] = ()
+    """Trackers every trial's curves also go to (``--log``: tensorboard, wandb, mlflow)."""
+    progress: bool = False
+    """Show the live display (trials, failures, best so far, time) on the terminal."""
 
 
 def _log(line: str) -> None:
@@ -120,12 +126,23 @@ def run_search(
     )
     interrupted = False
     worker_errors: list[int] = []
+    tracking = SearchTracking(cfg.log, run_dir, name)
+    if cfg.log and search.train.devices_per_trial > 1:
+        log(f"--log {' '.join(cfg.log)}: not yet for trials on several devices; metrics.jsonl has the curves")
+    display = SearchProgress(search, done_before, cfg.progress, log)
     try:
-        if workers <= 1:
-            evaluate = evaluate or real_evaluator(search, corpus, cfg.device)
-            run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, log, corpus))
-        else:
-            worker_errors = _run_processes(search, study, url, name, workers, cfg, log)
+        with display:
+            display.update(study)
+            if workers <= 1:
+                evaluate = evaluate or real_evaluator(search, corpus, cfg.device, tracking)
+
+                def shown(line: str) -> None:
+                    display.log(line)
+                    display.update(study)
+
+                run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, shown, corpus))
+            else:
+                worker_errors = _run_processes(search, study, url, name, workers, cfg, display)
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
@@ -154,7 +171,7 @@ def run_one_worker(run_dir: Path, storage: str, study_name: str, worker: int, cf
     search = stored_search(probe)
     corpus = load_search_corpus(search)
     study = open_study(search, storage, study_name, worker + process_salt(), corpus=corpus, concurrent=True)
-    evaluate = real_evaluator(search, corpus, cfg.device)
+    evaluate = real_evaluator(search, corpus, cfg.device, SearchTracking(cfg.log, run_dir, study_name))
     return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log, corpus))
 
 
@@ -182,26 +199,35 @@ def _run_processes(
     name: str,
     workers: int,
     cfg: RunConfig,
-    log: Callable[[str], None],
+    display: SearchProgress,
 ) -> list[int]:
-    """N worker processes of this same command; one GPU each when there are GPUs; poll for the best."""
+    """N worker processes of this same command; one GPU each when there are GPUs; poll for the best.
+
+    With the live display on, the workers' log lines come through a pipe and print above it."""
+    log = display.log
     gpus = _gpus() if (cfg.device or search.train.device) in ("auto", "cuda") else []
-    procs = []
+    procs, pumps = [], []
     for i in range(workers):
         cmd = python_module_cmd("moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir))
         cmd += ["--storage", url, "--study", name]
         if cfg.device:
             cmd += ["--device", cfg.device]
+        for kind in cfg.log:
+            cmd += ["--log", kind]
         env = dict(os.environ)
         if gpus:  # worker i gets its own group of devices_per_trial GPUs
             k = search.train.devices_per_trial
             group = [gpus[(i * k + j) % len(gpus)] for j in range(k)]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
-        procs.append(subprocess.Popen(cmd, env=env))
+        piped = display.enabled
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE if piped else None, text=piped))
+        if piped:
+            pumps.append(display.forward(procs[-1].stderr))
     last = None
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(3)
+            display.update(study)
             best = best_trial(study)
             if best is not None and best.number != last:
                 last = best.number
@@ -216,6 +242,8 @@ def _run_processes(
             except subprocess.TimeoutExpired:
                 p.kill()
         raise
+    for t in pumps:  # the workers' last lines
+        t.join(timeout=5)
     bad = [p.returncode for p in procs if p.returncode not in (0, None)]
     if bad:
         log(f"{len(bad)} worker(s) exited with status {bad}; finished trials are kept, rerun to resume")

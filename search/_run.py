@@ -62,6 +62,7 @@ from ._space import (
     trial_to_spec,
 )
 from ._spec import SearchSpec, hparams, train_config
+from ._tracking import SearchTracking, trial_started
 
 if TYPE_CHECKING:
     from moeforge.runtime import Corpus
@@ -342,8 +343,11 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 # --------------------------------------------------------------------------------------- evaluation
-def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None) -> Evaluate:
-    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus.
+def real_evaluator(
+    search: SearchSpec, corpus: Corpus, device: str | None = None, tracking: SearchTracking | None = None
+) -> Evaluate:
+    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus (its curves also
+    to `tracking`'s trackers, when given).
 
     A seed whose folder holds a finished run is not trained again (its summary is returned); one that
     holds a checkpoint resumes from it.
@@ -390,6 +394,7 @@ def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None
                 on_eval=on_eval,
                 progress=False,
                 extra_summary={"spec_name": spec.name},
+                tracking=tracking.for_seed(seed) if tracking is not None else None,
             )
         finally:
             del model
@@ -906,6 +911,7 @@ def _train_trial(
     summaries: list[dict] = []
     folder = trial_dir(opts.run_dir, trial.user_attrs["spec_key"])
     trial.set_user_attr("trial_dir", str(folder.relative_to(opts.run_dir)))
+    trial_started(trial.number, trial.params)  # names the trackers' runs (search --log)
     for i, seed in enumerate(search.seeds):
         out_dir = folder / f"seed-{seed}"
 
