@@ -32,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,8 +139,10 @@ class _TensorBoard:
         if params:
             # in this run's own folder (SummaryWriter.add_hparams would open another one), so the HParams
             # dashboard lists every run of the group with its parameters against its final eval loss
+            file_writer = self.writer.file_writer
+            assert file_writer is not None  # SummaryWriter opens it in its constructor
             for summary in hparams(params, {"eval/val_loss": math.nan}):
-                self.writer.file_writer.add_summary(summary)
+                file_writer.add_summary(summary)
             table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
             self.writer.add_text("params", f"| parameter | value |\n|---|---|\n{table}", 0)
 
@@ -215,7 +217,11 @@ class _Mlflow:
         self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED")
 
 
-_MAKERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _Mlflow}
+_MAKERS: dict[str, Callable[[Tracking], Tracker]] = {
+    "tensorboard": _TensorBoard,
+    "wandb": _Wandb,
+    "mlflow": _Mlflow,
+}
 
 
 class Trackers:

@@ -221,7 +221,7 @@ def _run_processes(
             env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
         piped = display.enabled
         procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE if piped else None, text=piped))
-        if piped:
+        if procs[-1].stderr is not None:
             pumps.append(display.forward(procs[-1].stderr))
     last = None
     try:
