@@ -11,6 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._config import MIN_STEPS, TrainConfig, budget_floor, budget_problem, min_steps
+from ._launch import python_module_cmd, torchrun_args
+from ._tracking import TRACKERS, MissingTracker, TrackerFailed, Tracking, check_trackers
 
 if TYPE_CHECKING:
     from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
         read_token_file,
         write_token_file,
     )
-    from ._dist import Dist, PeerFailed, init_distributed
+    from ._dist import Dist, PeerFailed, close_distributed, init_distributed, stop_on_sigterm, world_from_env
     from ._environment import environment
     from ._experts import HOST_SYNCS_PER_LAYER, Experts, grouped_mm_errors, grouped_mm_supported
     from ._layers import (
@@ -59,7 +61,10 @@ _LAZY = {
         ("check_shapes", "find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"),
         "_checkpoint",
     ),
-    **dict.fromkeys(("Dist", "PeerFailed", "init_distributed"), "_dist"),
+    **dict.fromkeys(
+        ("Dist", "PeerFailed", "close_distributed", "init_distributed", "stop_on_sigterm", "world_from_env"),
+        "_dist",
+    ),
     **dict.fromkeys(
         (
             "Corpus",
@@ -163,6 +168,16 @@ __all__ = [
     "Dist",
     "PeerFailed",
     "init_distributed",
+    "close_distributed",
+    "stop_on_sigterm",
+    "world_from_env",
+    "python_module_cmd",
+    "torchrun_args",
+    "TRACKERS",
+    "MissingTracker",
+    "TrackerFailed",
+    "Tracking",
+    "check_trackers",
     "Diverged",
     "OutOfMemory",
     "Trainer",

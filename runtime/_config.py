@@ -98,7 +98,9 @@ class TrainConfig(BaseModel):
         unknown = sorted(set(d) - set(cls.model_fields))
         if unknown:
             raise ValueError(
-                "\n".join(f"{k}: unknown training option (known: {', '.join(cls.model_fields)})" for k in unknown)
+                "\n".join(
+                    f"{k}: unknown training option (known: {', '.join(cls.model_fields)})" for k in unknown
+                )
             )
         try:
             return cls(**d)

@@ -57,6 +57,7 @@ class Dist:
 
 
 def world_from_env() -> int:
+    """How many processes torchrun started for this run (WORLD_SIZE; 1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -91,7 +92,7 @@ def init_distributed(device: str = "auto") -> Dist:
     return current()
 
 
-def close() -> None:
+def close_distributed() -> None:
     """Leave the process group (at the end of a command)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -74,6 +74,7 @@ from ._config import TrainConfig
 from ._data import Corpus, _check_fits, _windows
 from ._environment import environment
 from ._metrics import LoadTracker
+from ._tracking import Trackers, Tracking
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
@@ -447,6 +448,7 @@ class Trainer:
         on_eval: Callable[[float, dict], None] | None = None,
         progress: bool = True,
         extra_summary: dict | None = None,
+        tracking: Tracking | None = None,
     ):
         self.t_start = time.perf_counter()
         self.cfg, self.corpus, self.seq_len, self.fpt = cfg, corpus, seq_len, train_flops_per_token
@@ -491,6 +493,7 @@ class Trainer:
         self.bar = _Progress(
             progress and self.d.main, float(total or cfg.time_s or 1), f"train {_fmt(total or 0)} tok"
         )
+        self.trackers = Trackers(tracking, enabled=self.d.main)  # last: a run that fails to set up has none
 
     # ---- plan
 
@@ -642,6 +645,7 @@ class Trainer:
         finally:
             self.bar.close()
             self.tracker.close()
+            self.trackers.close(self.status)
             if self.status != "completed":
                 with contextlib.suppress(Exception):  # never mask the original error
                     self.summary(reduce=False)  # no collective: another rank may be gone
@@ -783,9 +787,11 @@ class Trainer:
     # ---- log
 
     def log(self, record: dict) -> None:
+        """A line in metrics.jsonl (rank 0), and the same figures to the run's trackers."""
         if self.metrics_path is not None and self.d.main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.trackers.log(record)
 
     def log_step(self, step_tokens: int, ce: float, aux: float, gnorm: float, lr: float, done: bool) -> None:
         """The progress bar every step; a train line in metrics.jsonl every log_every steps and at the end."""
@@ -936,6 +942,7 @@ def train(
     on_eval: Callable[[float, dict], None] | None = None,
     progress: bool = True,
     extra_summary: dict | None = None,
+    tracking: Tracking | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `corpus` within `cfg`'s budget; return the summary (also written to out_dir).
 
@@ -953,6 +960,7 @@ def train(
             propagates after summary.json records the stop.
         progress: show a live progress bar on stderr.
         extra_summary: merged into the summary.
+        tracking: also send the curves to TensorBoard, W&B or MLflow (rank 0 only); see `Tracking`.
 
     Raises:
         Diverged: the loss or gradient norm became NaN/inf.
@@ -972,4 +980,5 @@ def train(
         on_eval=on_eval,
         progress=progress,
         extra_summary=extra_summary,
+        tracking=tracking,
     ).run()

@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from moeforge.runtime import python_module_cmd
 
 from ._data import load_search_corpus
 from ._errors import SearchStop
 from ._evaluate import Evaluate, real_evaluator
+from ._progress import SearchProgress
 from ._records import trial_records
 from ._results import write_results
 from ._space import check_budgets
 from ._spec import SearchSpec
 from ._storage import default_storage, is_rdb, open_storage, redact
 from ._study import load_study, open_study, run_dir_storage, stored_search
+from ._tracking import SearchTracking
 from ._trials import best_trial, counted
 from ._worker import WorkerOptions, run_worker
 
@@ -40,6 +43,10 @@ class RunConfig:
     """Worker processes on this machine; None (``--workers auto``) picks `auto_workers`."""
     device: str | None = None
     plots: bool = True
+    log: tuple[str, ...] = ()
+    """Trackers every trial's curves also go to (``--log``: tensorboard, wandb, mlflow)."""
+    progress: bool = False
+    """Show the live display (trials, failures, best so far, time) on the terminal."""
 
 
 def _log(line: str) -> None:
@@ -116,12 +123,23 @@ def run_search(
     )
     interrupted = False
     worker_errors: list[int] = []
+    tracking = SearchTracking(cfg.log, run_dir, name)
+    if cfg.log and search.train.devices_per_trial > 1:
+        log(f"--log {' '.join(cfg.log)}: not yet for trials on several devices; metrics.jsonl has the curves")
+    display = SearchProgress(search, done_before, cfg.progress, log)
     try:
-        if workers <= 1:
-            evaluate = evaluate or real_evaluator(search, corpus, cfg.device)
-            run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, log, corpus, storage=storage))
-        else:
-            worker_errors = _run_processes(search, study, url, name, workers, cfg, log)
+        with display:
+            display.update(study)
+            if workers <= 1:
+                evaluate = evaluate or real_evaluator(search, corpus, cfg.device, tracking)
+
+                def shown(line: str) -> None:
+                    display.log(line)
+                    display.update(study)
+
+                run_worker(search, study, evaluate, WorkerOptions(run_dir, 0, shown, corpus, storage=storage))
+            else:
+                worker_errors = _run_processes(search, study, url, name, workers, cfg, display)
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
@@ -153,7 +171,7 @@ def run_one_worker(run_dir: Path, storage: str, study_name: str, worker: int, cf
     study = open_study(
         search, storage, study_name, worker + process_salt(), corpus=corpus, concurrent=True, storage=st
     )
-    evaluate = real_evaluator(search, corpus, cfg.device)
+    evaluate = real_evaluator(search, corpus, cfg.device, SearchTracking(cfg.log, run_dir, study_name))
     return run_worker(search, study, evaluate, WorkerOptions(run_dir, worker, _log, corpus, storage=st))
 
 
@@ -179,26 +197,35 @@ def _run_processes(
     name: str,
     workers: int,
     cfg: RunConfig,
-    log: Callable[[str], None],
+    display: SearchProgress,
 ) -> list[int]:
-    """N worker processes of this same command; one GPU each when there are GPUs; poll for the best."""
+    """N worker processes of this same command; one GPU each when there are GPUs; poll for the best.
+
+    With the live display on, the workers' log lines come through a pipe and print above it."""
+    log = display.log
     gpus = _gpus() if (cfg.device or search.train.device) in ("auto", "cuda") else []
-    procs = []
+    procs, pumps = [], []
     for i in range(workers):
-        cmd = [sys.executable, "-m", "moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir)]
+        cmd = python_module_cmd("moeforge", "search", "--worker", str(i), "--out", str(cfg.run_dir))
         cmd += ["--storage", url, "--study", name]
         if cfg.device:
             cmd += ["--device", cfg.device]
+        for kind in cfg.log:
+            cmd += ["--log", kind]
         env = dict(os.environ)
         if gpus:  # worker i gets its own group of devices_per_trial GPUs
             k = search.train.devices_per_trial
             group = [gpus[(i * k + j) % len(gpus)] for j in range(k)]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
-        procs.append(subprocess.Popen(cmd, env=env))
+        piped = display.enabled
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE if piped else None, text=piped))
+        if procs[-1].stderr is not None:
+            pumps.append(display.forward(procs[-1].stderr))
     last = None
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(3)
+            display.update(study)
             best = best_trial(study)
             if best is not None and best.number != last:
                 last = best.number
@@ -213,6 +240,8 @@ def _run_processes(
             except subprocess.TimeoutExpired:
                 p.kill()
         raise
+    for t in pumps:  # the workers' last lines
+        t.join(timeout=5)
     bad = [p.returncode for p in procs if p.returncode not in (0, None)]
     if bad:
         log(f"{len(bad)} worker(s) exited with status {bad}; finished trials are kept, rerun to resume")

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING
 
 import optuna
 from moeforge.compiler import ModelSpec, account
+from moeforge.runtime import torchrun_args
 from optuna.trial import TrialState
 
 from ._errors import TrialFailed
 from ._space import trial_budget
 from ._spec import SearchSpec, train_config
+from ._tracking import SearchTracking, trial_started
 from ._training import job, rule_for, train_spec
 from ._trials import trial_dir
 
@@ -38,8 +40,11 @@ if TYPE_CHECKING:
 Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]], dict]
 
 
-def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None) -> Evaluate:
-    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus.
+def real_evaluator(
+    search: SearchSpec, corpus: Corpus, device: str | None = None, tracking: SearchTracking | None = None
+) -> Evaluate:
+    """Build each spec and train it with `moeforge.runtime.train` on the search's corpus (its curves also
+    to `tracking`'s trackers, when given).
 
     A seed whose folder holds a finished run is not trained again (its summary is returned); one that
     holds a checkpoint resumes from it.
@@ -73,7 +78,16 @@ def real_evaluator(search: SearchSpec, corpus: Corpus, device: str | None = None
         cfg = train_config(search, budget_flops=budget, seed=seed, device=dev, rule=rule)
         try:
             model = build(spec, device=dev, seed=seed)
-            return train_spec(model, spec, corpus, cfg, out_dir, resume=resume, on_eval=on_eval)
+            return train_spec(
+                model,
+                spec,
+                corpus,
+                cfg,
+                out_dir,
+                resume=resume,
+                on_eval=on_eval,
+                tracking=tracking.for_seed(seed) if tracking is not None else None,
+            )
         finally:
             del model
             gc.collect()
@@ -101,8 +115,12 @@ def _group_evaluate(
     path = out_dir / "group_job.json"
     rule = rule_for(search, spec, budget)
     path.write_text(json.dumps(job(search, spec, seed, budget, device, out_dir, resume, rule)) + "\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}"]
-    cmd += ["-m", "moeforge.search._group", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args(k, "moeforge.search._group", str(path)),
+    ]
     env = dict(os.environ)
     if search.train.cpu_threads:
         env["OMP_NUM_THREADS"] = str(search.train.cpu_threads)
@@ -178,6 +196,7 @@ def train_trial(
     summaries: list[dict] = []
     folder = trial_dir(run_dir, trial.user_attrs["spec_key"])
     trial.set_user_attr("trial_dir", str(folder.relative_to(run_dir)))
+    trial_started(trial.number, trial.params)  # names the trackers' runs (search --log)
     for i, seed in enumerate(search.seeds):
         out_dir = folder / f"seed-{seed}"
 

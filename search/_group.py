@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from moeforge.compiler import ModelSpec, build, materialize
-from moeforge.runtime import init_distributed, resolve_device
-from moeforge.runtime._dist import close, stop_on_sigterm
+from moeforge.runtime import close_distributed, init_distributed, resolve_device, stop_on_sigterm
 
 from ._data import load_search_corpus
 from ._spec import SearchSpec, train_config
@@ -39,7 +38,7 @@ def main(path: str) -> int:
         out_dir = Path(j["out_dir"])
         train_spec(model, spec, corpus, cfg, out_dir, resume=j["resume"], extra_summary={"world": d.world})
     finally:
-        close()
+        close_distributed()
     return 0
 
 

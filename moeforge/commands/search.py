@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 from ._common import add_overrides, console, print_json
+from ._tracking import add_log_flag, check_log_flag
 
 EPILOG = """\
 examples:
@@ -56,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--budget-flops", type=float, metavar="C", help="training FLOPs per trial (overrides budget)"
     )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1 ... (overrides train.device)")
-    p.add_argument("--json", action="store_true", help="print the result (or the report) as JSON")
+    add_log_flag(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the result (or the report) as JSON (live display off)"
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument(
         "--wide",
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from moeforge.search import RunConfig, SearchStop
 
     try:
+        if check_log_flag("search", args.log):
+            return EXIT_BAD_INPUT
         if args.worker is not None:
             return _worker(args)
         if args.spec == "report":
@@ -105,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         search = search.model_copy(update=update)
         run_dir = Path(args.out or f"runs/search-{search.name}")
         cfg = RunConfig(run_dir, args.storage, args.study, workers, args.device, not args.no_plots)
+        # the live display is for a person at a terminal; else (and with --json) the log lines alone
+        live = not args.json and sys.stdout.isatty() and sys.stderr.isatty()
+        cfg = dataclasses.replace(cfg, log=tuple(args.log), progress=live)
         try:
             summary = run_search(search, cfg)
         except KeyboardInterrupt:
@@ -160,7 +170,7 @@ def _worker(args: argparse.Namespace) -> int:
     from moeforge.search import RunConfig, run_one_worker
 
     run_dir = Path(args.out)
-    cfg = RunConfig(run_dir, args.storage, args.study, 1, args.device)
+    cfg = RunConfig(run_dir, args.storage, args.study, 1, args.device, log=tuple(args.log))
     try:
         run_one_worker(run_dir, args.storage, args.study, args.worker, cfg)
     except KeyboardInterrupt:

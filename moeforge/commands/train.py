@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import SPEC_HELP, add_overrides, console, print_json
+from ._tracking import add_log_flag, check_log_flag, run_tracking
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SPEC_FILE = "spec.yaml"
@@ -105,6 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPU threads for torch ops (default: 1 for models under 10M parameters, whose ops are too small to "
         "split, else torch's default)",
     )
+    add_log_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON (progress bar off)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.set_defaults(run=run)
@@ -117,6 +119,10 @@ def _fail(msg: str, code: int, rank: int | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if check_log_flag("train", args.log):  # before torchrun starts anything
+        from moeforge.cli import EXIT_BAD_INPUT
+
+        return EXIT_BAD_INPUT
     if args.nproc is not None and args.nproc < 1:
         from moeforge.cli import EXIT_BAD_INPUT
 
@@ -137,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
                 EXIT_BAD_INPUT,
             )
         return launch(args.nproc, args.argv)
-    from moeforge.runtime._dist import close
+    from moeforge.runtime import close_distributed
 
     try:
         return _run(args)
     finally:
-        close()  # leave the process group (a no-op for one process)
+        close_distributed()  # leave the process group (a no-op for one process)
 
 
 def launch(nproc: int, argv: list[str]) -> int:
@@ -162,9 +168,10 @@ def launch(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    torch_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc_per_node={nproc}", "-m", "moeforge", *rest]
-    )
+    from moeforge.runtime import torchrun_args
+
+    # not torchrun's -m: that would put the working directory first on the children's path
+    torch_args = get_args_parser().parse_args(torchrun_args(nproc, "moeforge", *rest))
     try:
         torchrun(torch_args)
     except ChildFailedError as e:
@@ -190,9 +197,10 @@ def _run(args: argparse.Namespace) -> int:
         load_corpus,
         planned_tokens,
         resolve_device,
+        stop_on_sigterm,
         train,
+        world_from_env,
     )
-    from moeforge.runtime._dist import stop_on_sigterm, world_from_env
 
     # several processes (torchrun): errors every rank meets alike are printed by rank 0 only
     main = int(os.environ.get("RANK", "0")) == 0
@@ -307,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not (args.json or args.no_progress),
             extra_summary={"spec": spec.name, "run_dir": str(out)},
+            tracking=run_tracking(args.log, out, spec.name, out.name, {**cfg.to_dict(), "data": data}),
         )
     except Diverged as e:
         return fail(f"{e} (run dir {out})", EXIT_DIVERGED)

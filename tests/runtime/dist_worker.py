@@ -56,10 +56,10 @@ def run(o: dict) -> dict | None:
 
 if __name__ == "__main__":
     import torch
-    from moeforge.runtime._dist import close
+    from moeforge.runtime import close_distributed
 
     torch.set_num_threads(1)
     try:
         run(json.loads(sys.argv[1]))
     finally:
-        close()
+        close_distributed()

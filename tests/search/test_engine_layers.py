@@ -15,6 +15,7 @@ LAYERS = (
     "_space",
     "_trials",
     "_records",
+    "_tracking",
     "_storage",
     "_heartbeat",
     "_samplers",
