@@ -46,6 +46,7 @@ def _wsd(**kw) -> TrainConfig:
         "schedule": "wsd",
         "lr": 3e-3,
         "warmup_tokens": 512,
+        "warmup": 0.25,  # ignored beside warmup_tokens: were it read, the stable phase would depend on the total
     }
     return TrainConfig(**{**base, **kw})
 
