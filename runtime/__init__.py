@@ -15,6 +15,7 @@ from ._launch import python_module_cmd, torchrun_args
 from ._tracking import TRACKERS, MissingTracker, TrackerFailed, Tracking, check_trackers
 
 if TYPE_CHECKING:
+    from ._branch import StableRun, branch_point, ladder_tokens, train_cooldown, train_stable
     from ._checkpoint import check_shapes, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
     from ._data import (
         Corpus,
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
 
 # name -> the private module that defines it (all of them import torch)
 _LAZY = {
+    **dict.fromkeys(
+        ("StableRun", "branch_point", "ladder_tokens", "train_cooldown", "train_stable"), "_branch"
+    ),
     **dict.fromkeys(
         ("check_shapes", "find_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint"),
         "_checkpoint",
@@ -188,4 +192,9 @@ __all__ = [
     "planned_tokens",
     "resolve_device",
     "train",
+    "StableRun",
+    "branch_point",
+    "ladder_tokens",
+    "train_cooldown",
+    "train_stable",
 ]

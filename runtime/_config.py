@@ -39,9 +39,22 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup: float = 0.05
     """Fraction of the run spent in linear warmup."""
+    warmup_tokens: int | None = Field(None, gt=0)
+    """Linear warmup over this many tokens instead of the `warmup` fraction of the run. A WSD run needs it
+    for its stable phase not to depend on the run's length, so that one stable run serves cooldowns branched
+    at several budgets."""
     schedule: Literal["cosine", "wsd"] = "cosine"
-    decay_fraction: float = Field(0.2, gt=0, le=1)
-    """WSD: fraction of the run spent in the final linear decay."""
+    """cosine: warmup, then cosine down to lr * min_lr_ratio. wsd (warmup-stable-decay, Hägele et al. 2024,
+    arXiv 2405.18392): warmup, constant lr, then a cooldown over the last `cooldown` of the run."""
+    cooldown: float = Field(0.2, ge=0, le=1)
+    """WSD: fraction of the run spent in the final decay to lr * min_lr_ratio; 0 keeps the lr constant
+    to the end (a stable phase to branch cooldowns from)."""
+    cooldown_shape: Literal["1-sqrt", "linear"] = "1-sqrt"
+    """WSD: the decay's shape over the cooldown's fraction q: 1-sqrt (lr scaled by 1 - sqrt(q), the
+    paper's best) or linear (1 - q; what older run dirs recorded as `decay_fraction` mean)."""
+    beta2: float = Field(0.95, gt=0, lt=1)
+    """AdamW's second-moment decay (beta1 is 0.9). Porian et al. 2024 (arXiv 2406.19146) find 0.99-0.999
+    better at small batch."""
     weight_decay: float = 0.1
     grad_clip: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 disables clipping (the norm is still logged)."""
@@ -69,6 +82,19 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{v} must be a fraction in [0, 1)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_decay_fraction(cls, data: Any) -> Any:
+        # run dirs written before `cooldown` recorded a linear WSD decay as `decay_fraction`
+        if isinstance(data, dict) and "decay_fraction" in data:
+            data = dict(data)
+            fraction = data.pop("decay_fraction")
+            if "cooldown" in data:
+                raise ValueError("decay_fraction: the old name of cooldown; give cooldown only")
+            data["cooldown"] = fraction
+            data.setdefault("cooldown_shape", "linear")
+        return data
+
     @model_validator(mode="after")
     def _budget_and_batch(self) -> TrainConfig:
         given = [k for k in ("budget_flops", "tokens", "steps") if getattr(self, k) is not None]
@@ -95,7 +121,7 @@ class TrainConfig(BaseModel):
         Raises:
             ValueError: one line per problem, ``key: what is wrong``.
         """
-        unknown = sorted(set(d) - set(cls.model_fields))
+        unknown = sorted(set(d) - set(cls.model_fields) - {"decay_fraction"})
         if unknown:
             raise ValueError(
                 "\n".join(

@@ -7,7 +7,7 @@ token count is hit exactly: every step takes `batch_size` sequences of `seq_len`
 which takes fewer sequences and, when the remainder is not a whole sequence, one shortened sequence. So
 `train_flops` = tokens * train_flops_per_token is within one token's FLOPs of the budget.
 
-The step. AdamW (betas 0.9/0.95) with decoupled weight decay on matrices only: norms, biases and embedding
+The step. AdamW (betas 0.9 and `beta2`, default 0.95) with decoupled weight decay on matrices only: norms, biases and embedding
 tables are not decayed (decay pulls rarely seen token rows toward zero and fights the norms' scale; a tied
 output head is the embedding and is not decayed either). Loss = cross entropy + the model's `aux_loss` (the
 balance losses the spec asks for); both are logged. Gradient accumulation splits a batch into
@@ -17,8 +17,12 @@ state. `compile` wraps the model in torch.compile for the full-size micro-batche
 and evaluation run eagerly, so nothing recompiles.
 
 The schedule is a function of the fraction p of the run's tokens done after the step (of the wall-clock
-limit in time-only runs): linear warmup over the first `warmup` of the run, then cosine from `lr` down to
-`lr * min_lr_ratio`, or WSD: constant, then linear decay to the same floor over the last `decay_fraction`.
+limit in time-only runs): linear warmup over the first `warmup` of the run (or the first `warmup_tokens`),
+then cosine from `lr` down to `lr * min_lr_ratio`, or WSD (warmup-stable-decay, Hägele et al. 2024): constant,
+then a cooldown to the same floor over the last `cooldown` of the run, lr scaled by 1 - sqrt(q) at its
+fraction q. With `warmup_tokens`, a WSD run's learning rate up to its cooldown does not depend on the run's
+total, so one stable run, checkpointed where each budget's cooldown starts, serves a ladder of budgets
+(`runtime/_branch.py`).
 
 Resuming. A run dir's checkpoint holds weights, AdamW state, the data sampler's generator state, RNG
 states, tokens and step done, and the seed and corpus it trained with (a resume with another is refused: the
@@ -107,19 +111,38 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def lr_at(cfg: TrainConfig, p: float) -> float:
-    """Learning rate at fraction p of the run (see the module docstring)."""
+def lr_at(cfg: TrainConfig, p: float, tokens: int | None = None) -> float:
+    """Learning rate at fraction p of the run, `tokens` done (see the module docstring).
+
+    With `warmup_tokens`, the warmup is read from `tokens` (p when tokens is None: a time-only run), so a WSD
+    run's warmup and stable phase are the same at every total: only the cooldown, the last `cooldown` of p,
+    depends on it.
+    """
     p = min(max(p, 0.0), 1.0)
     low = cfg.lr * cfg.min_lr_ratio
-    if p < cfg.warmup:
+    if cfg.warmup_tokens is not None and tokens is not None:
+        if tokens < cfg.warmup_tokens:
+            return cfg.lr * tokens / cfg.warmup_tokens
+        warm = p * cfg.warmup_tokens / tokens  # warmup_tokens / total: where the cosine starts
+    elif p < cfg.warmup:
         return cfg.lr * p / cfg.warmup
+    else:
+        warm = cfg.warmup
     if cfg.schedule == "cosine":
-        q = (p - cfg.warmup) / (1 - cfg.warmup)
+        q = (p - warm) / (1 - warm) if warm < 1 else 1.0
         return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * q))
-    start = 1 - cfg.decay_fraction
-    if p <= start:
+    if not in_cooldown(cfg, p):
         return cfg.lr
-    return cfg.lr + (low - cfg.lr) * (p - start) / cfg.decay_fraction
+    q = (p - (1 - cfg.cooldown)) / cfg.cooldown
+    return cfg.lr + (low - cfg.lr) * (math.sqrt(q) if cfg.cooldown_shape == "1-sqrt" else q)
+
+
+def in_cooldown(cfg: TrainConfig, p: float) -> bool:
+    """Whether a WSD run's learning rate after a step that ends at fraction p of the run is in the cooldown.
+
+    The one test the schedule and the branch points (`runtime/_branch.py`) share, so they agree to the bit.
+    """
+    return cfg.cooldown > 0 and p > 1 - cfg.cooldown
 
 
 def planned_tokens(cfg: TrainConfig, seq_len: int, train_flops_per_token: int) -> int | None:
@@ -147,7 +170,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         (rest if p.dim() < 2 or id(p) in no_decay else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None
+        groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=device.type == "cuda" or None
     )
 
 
@@ -489,6 +512,8 @@ class Trainer:
         self.status, self.stopped_by = "running", "budget"
         self.window = {"steps": 0, "ce": 0.0, "aux": 0.0, "tokens": 0, "t": self.timer.seconds()}
         self.last_checkpoint = time.perf_counter()
+        self.branch_at: dict[int, Path] = {}
+        """Extra checkpoints: tokens done -> folder, written after the step that ends there (`_branch`)."""
         total = self.plan.total_tokens
         self.bar = _Progress(
             progress and self.d.main, float(total or cfg.time_s or 1), f"train {_fmt(total or 0)} tok"
@@ -610,6 +635,8 @@ class Trainer:
                     self.stopped_by = "time"
                     break
                 self.train_step()
+                if self.st.tokens in self.branch_at:
+                    self.checkpoint(self.branch_at[self.st.tokens])
                 done = total is not None and self.st.tokens >= total
                 while self.next_eval < self.n_evals and self._due(self.next_eval):
                     self.evaluate(self.next_eval / self.n_evals, call=True)
@@ -679,7 +706,7 @@ class Trainer:
             )
         tokens_after = st.tokens + step_tokens
         total = self.plan.total_tokens
-        lr = lr_at(cfg, tokens_after / total if total else self.fraction())
+        lr = lr_at(cfg, tokens_after / total, tokens_after) if total else lr_at(cfg, self.fraction())
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
@@ -862,9 +889,11 @@ class Trainer:
 
     # ---- checkpoint
 
-    def checkpoint(self) -> None:
-        """Write the checkpoint (every rank calls: a sharded model is gathered; rank 0 writes)."""
-        if self.ckpt_path is None:
+    def checkpoint(self, path: Path | None = None) -> None:
+        """Write the checkpoint, or one to `path` (every rank calls: a sharded model is gathered; rank 0
+        writes)."""
+        path = path or self.ckpt_path
+        if path is None:
             return
         self.st.train_s = self.train_s_before + self.timer.seconds()
         with self._run_load():
@@ -886,7 +915,7 @@ class Trainer:
             "processes": self.d.world,
             "config": self.cfg.to_dict(),
         }
-        save_checkpoint(self.ckpt_path, self.model, self.optimizer, state, tensors)
+        save_checkpoint(path, self.model, self.optimizer, state, tensors)
         self.last_checkpoint = time.perf_counter()
 
     # ---- summary

@@ -22,6 +22,9 @@ _CFG_FLAGS = (
     "micro_batch_size",
     "lr",
     "schedule",
+    "cooldown",
+    "warmup_tokens",
+    "beta2",
     "device",
     "parallel",
     "compile",
@@ -78,6 +81,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batch-size", type=int, metavar="M", help="gradient accumulation micro batch")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--schedule", choices=("cosine", "wsd"), help="learning-rate schedule (default cosine)")
+    p.add_argument(
+        "--cooldown",
+        type=float,
+        metavar="F",
+        help="wsd: fraction of the run in the 1-sqrt cooldown (default 0.2)",
+    )
+    p.add_argument(
+        "--warmup-tokens",
+        type=lambda s: int(float(s)),
+        metavar="N",
+        help="linear warmup over N tokens instead of 5%% of the run",
+    )
+    p.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
     p.add_argument(
         "--eval-tokens", type=int, metavar="N", help="held-out tokens per evaluation (default 32768)"
     )
