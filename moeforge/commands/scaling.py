@@ -278,6 +278,7 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
         )
     else:
         con.print(f"  {fit.holdout_note or 'no holdout'}", highlight=False)
+    _render_decisions(con, fit.decisions)
 
     rows = _config_rows(runs, fit)
     for budget in sorted({r["budget"] for r in rows}):
@@ -313,6 +314,30 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
     con.print(f"  {TIE_RULE}", highlight=False)
     if files:
         con.print(f"wrote {', '.join(files)}", highlight=False)
+
+
+def _render_decisions(con: Any, d: dict[str, Any] | None) -> None:
+    """The decision accuracy line(s) under the holdout (nothing without a holdout)."""
+    if d is None:
+        return
+    skipped = (
+        f"; {d['skipped']} configuration(s) measured at only one of the two budgets skipped"
+        if d["skipped"]
+        else ""
+    )
+    if not d["pairs"]:
+        con.print(
+            f"  decisions: no pair of configurations measured at both {d['budget']:.3g} and {d['smaller']:.3g} "
+            f"FLOPs to compare{skipped}",
+            highlight=False,
+        )
+        return
+    con.print(
+        f"  decisions at {d['budget']:.3g} FLOPs ({d['pairs']} pairs of {d['configurations']} configurations, "
+        f"seed means): the law orders {d['law']:.0%} as measured, the {d['smaller']:.3g} budget's ranking "
+        f"{d['smaller_budget']:.0%}{skipped}",
+        highlight=False,
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
