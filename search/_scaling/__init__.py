@@ -9,6 +9,8 @@
 - `fit`: the Huber fit by L-BFGS-B, the bootstrap, the holdout, and `Fit` (fit.json); it knows no law.
 - `predict`: the compute-optimal N, D (and G) at a budget under a fit, and the specs that realize it.
 - `plots`: IsoFLOP curves, loss against G, extrapolation and residuals of any fit.
+- `check`: a law checked at a new budget by training its optimum and the study's best with the study's own
+  rules (the search's evaluator; imported only by `moeforge scaling check`, so fits import no torch).
 
 Arrows point down this list: a module imports only those above it.
 """
