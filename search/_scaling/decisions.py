@@ -78,8 +78,10 @@ def decision_accuracy(runs: Runs, predict: Callable[[Array, Array, Array], Array
     common = [k for k in at_top if k in at_prev]
     measured = [at_top[k][0] for k in common]
     idx = np.array([at_top[k][1] for k in common], dtype=int)
-    predicted = np.asarray(predict(runs.n[idx], runs.d[idx], runs.g[idx]), dtype=float) if common else []
-    law, pairs = pair_agreement(measured, list(predicted))
+    predicted: list[float] = (
+        [float(x) for x in predict(runs.n[idx], runs.d[idx], runs.g[idx])] if common else []
+    )
+    law, pairs = pair_agreement(measured, predicted)
     smaller, _ = pair_agreement(measured, [at_prev[k][0] for k in common])
     return {
         "law": law if pairs else None,
