@@ -444,8 +444,9 @@ def _render_check(fit: Any, check: Any) -> None:
         if same
         else ("1 seed: no noise estimate" if same is None else "beyond the seed noise")
     )
+    side = "above (worse than)" if gap > 0 else "below (better than)"
     con.print(
-        f"  the optimum measured {gap:+.4f} against the best of the largest budget ({noise})",
+        f"  the law's optimum measured {abs(gap):.4f} {side} the best of the largest budget ({noise})",
         highlight=False,
     )
     if check.held:

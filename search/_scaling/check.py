@@ -180,7 +180,7 @@ def check_law(
     """
     from .._data import data_problem, load_search_corpus
     from .._errors import SearchStop
-    from .._evaluate import real_evaluator
+    from .._evaluate import _finished_summary, real_evaluator
     from .._space import budget_problem
 
     if not (math.isfinite(budget) and budget > 0):
@@ -194,7 +194,7 @@ def check_law(
     for r in runs:
         why = budget_problem(search, r.spec, budget) or data_problem(search, r.spec, corpus)
         if why:
-            raise ScalingInputError(f"--budget {budget:.3g}: {ROLES[r.role]} ({r.spec.name}): {why}")
+            raise ScalingInputError(f"--budget {budget:.3g}: {r.what} ({r.spec.name}): {why}")
     from moeforge.compiler import spec_to_yaml
 
     metric = search.objective.metric
@@ -202,19 +202,24 @@ def check_law(
     for r in runs:
         r.folder.mkdir(parents=True, exist_ok=True)
         (r.folder / "spec.yaml").write_text(
-            spec_to_yaml(
-                r.spec, header=f"{ROLES[r.role]} at {budget:.3g} training FLOPs (moeforge scaling check)"
-            )
+            spec_to_yaml(r.spec, header=f"{r.what} at {budget:.3g} training FLOPs (moeforge scaling check)")
         )
         for seed in search.seeds:
-            log(f"training {ROLES[r.role]} ({r.spec_key}) at {budget:.3g} FLOPs, seed {seed}")
-            summary = evaluate(r.spec, seed, budget, r.folder / f"seed-{seed}", lambda f, m: None)
+            unit = r.folder / f"seed-{seed}"
+            done = _finished_summary(unit, budget) is not None
+            if not done:
+                log(f"training {r.what} ({r.spec_key}) at {budget:.3g} FLOPs, seed {seed}")
+            summary = evaluate(r.spec, seed, budget, unit, lambda f, m: None)
             value = (
                 summary.get("final_val_loss") if metric == "val_loss" else summary.get("val_bits_per_byte")
             )
             if value is None or not math.isfinite(value):
-                raise RuntimeError(f"{ROLES[r.role]} seed {seed}: no finite {metric} (see {r.folder})")
+                raise RuntimeError(f"{r.what} seed {seed}: no finite {metric} (see {unit})")
             r.measured.append(float(value))
+            log(
+                f"{r.what} seed {seed}: {metric} {value:.4f}"
+                + (" (finished earlier, reused)" if done else "")
+            )
     check = Check(budget, metric, list(search.seeds), runs, out)
     (out / "check.json").write_text(
         json.dumps(_strict({**check.summary(), "study": _rules(search)}), indent=2) + "\n"

@@ -99,7 +99,9 @@ def test_check_holds_then_misses_and_reuses_its_runs(
     # A law whose interval lies far above what trains: exit 1, and the finished runs are read back, not retrained.
     narrow = write_fit(tmp_path, "narrow", (50.0, 60.0))
     assert main([*argv[:2], str(narrow), *argv[2:], "--json"]) == EXIT_FAIL
-    missed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    missed = json.loads(captured.out)
+    assert captured.err.count("(finished earlier, reused)") == 4 and "training" not in captured.err
     assert missed["held"] is False and all(r["held"] is False for r in missed["runs"])
     assert [r["seed_values"] for r in missed["runs"]] == [r["seed_values"] for r in got["runs"]]
     assert stamps(out) == trained
