@@ -445,10 +445,13 @@ def _render_check(fit: Any, check: Any) -> None:
         else ("1 seed: no noise estimate" if same is None else "beyond the seed noise")
     )
     side = "above (worse than)" if gap > 0 else "below (better than)"
-    con.print(
-        f"  the law's optimum measured {abs(gap):.4f} {side} the best of the largest budget ({noise})",
-        highlight=False,
-    )
+    if opt.spec_key == best.spec_key:
+        con.print("  the law's optimum is the best of the largest budget itself (one spec)", highlight=False)
+    else:
+        con.print(
+            f"  the law's optimum measured {abs(gap):.4f} {side} the best of the largest budget ({noise})",
+            highlight=False,
+        )
     if check.held:
         con.print("law held: every measured loss lies inside its predicted 95% interval", highlight=False)
     else:
