@@ -19,6 +19,8 @@ Scaling laws (`moeforge scaling`):
     predict_optimum(fit, budget, granularities) -> Prediction   compute-optimal N, D, G and the loss
     realize(search, base_params, size, granularity) -> ModelSpec   a trial's spec at another size and m
     write_scaling_plots(runs, fit, out_dir, target=None) -> plot names (IsoFLOP, loss vs G, residuals, ...)
+    check_law(fit, budget, out_dir) -> Check        train the law's optimum and the largest budget's best at a
+                                                    new budget; Check.held: each measured loss in its interval
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from ._records import trial_record, trial_records
     from ._results import leaderboard, noise_marks, write_results
     from ._samplers import make_sampler
+    from ._scaling.check import Check, check_law
     from ._scaling.errors import FitFailed, ScalingInputError
     from ._scaling.fit import Fit, fit_from_data, fit_law, load_fit
     from ._scaling.laws import LAWS
@@ -62,6 +65,7 @@ _LAZY = {
     **dict.fromkeys(("Prediction", "predict_optimum", "realize"), "_scaling.predict"),
     **dict.fromkeys(("Runs", "load_runs", "n_words", "runs_from_records"), "_scaling.runs"),
     "write_scaling_plots": "_scaling.plots",
+    **dict.fromkeys(("Check", "check_law"), "_scaling.check"),
     # the search's engine, one concept per module (see each module's docstring)
     **dict.fromkeys(("data_problem", "load_search_corpus"), "_data"),
     **dict.fromkeys(("SearchStop", "TrialFailed"), "_errors"),
@@ -89,6 +93,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "LAWS",
+    "Check",
     "Evaluate",
     "Fit",
     "FitFailed",
@@ -108,6 +113,7 @@ __all__ = [
     "fit_from_data",
     "fit_law",
     "auto_workers",
+    "check_law",
     "data_problem",
     "load_search_corpus",
     "grid_space",

@@ -18,6 +18,7 @@ examples:
   moeforge scaling fit runs/scaling --out runs/scaling/fit    also fit.json and the plots
   moeforge scaling fit runs.csv --law chinchilla --json       any runs: params, tokens, loss[, granularity, ...]
   moeforge scaling predict runs/scaling/fit/fit.json --budget 4.5e12 --spec best.yaml   what to train next
+  moeforge scaling check runs/scaling/fit/fit.json --budget 4.5e12 --out runs/check   does the law hold there?
 
 SOURCE is a search run dir, a trials.json, or a CSV with one row per run. From a search, every complete
 trial gives one run per seed; a configuration's seeds are resampled together by the bootstrap.
@@ -100,6 +101,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     _fit_options(q)
     q.add_argument("--json", action="store_true", help="print the prediction as JSON (only JSON on stdout)")
     q.set_defaults(run=run_predict)
+
+    k = verbs.add_parser(
+        "check",
+        help="train the predicted optimum and the largest budget's best at a new budget: did the law hold?",
+        description="Check a law at a budget it never saw: train, with the study's own training rules (its "
+        "search spec: train options, hparams rule, seeds, data), the optimum `scaling predict` gives for "
+        "--budget C and the best configuration of the study's largest budget, and print each one's "
+        "predicted loss (95% interval) against its measured loss (mean over the study's seeds). Exit 0 when "
+        "every measured loss lies inside its interval, 1 otherwise. Runs go to --out DIR, one folder per "
+        "spec, budget and seed: a finished one is reused and an interrupted one resumes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    k.add_argument("fit", metavar="FIT", help="a fit.json of a search's runs, or a search run dir to fit now")
+    k.add_argument("--budget", type=float, required=True, metavar="C", help="training FLOPs, e.g. 4.5e12")
+    k.add_argument("--out", required=True, metavar="DIR", help="where the runs (and check.json) go")
+    k.add_argument(
+        "--granularities",
+        default="1,2,4,8,16",
+        metavar="G,...",
+        help="candidate granularities (m) of the predicted optimum, as for predict (default 1,2,4,8,16)",
+    )
+    k.add_argument("--device", help="cpu, cuda, ... (default the study's train.device)")
+    _fit_options(k)
+    k.add_argument("--json", action="store_true", help="print the check as JSON (only JSON on stdout)")
+    k.set_defaults(run=run_check)
 
 
 def _fit_options(p: argparse.ArgumentParser) -> None:
@@ -278,6 +305,7 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
         )
     else:
         con.print(f"  {fit.holdout_note or 'no holdout'}", highlight=False)
+    _render_decisions(con, fit.decisions)
 
     rows = _config_rows(runs, fit)
     for budget in sorted({r["budget"] for r in rows}):
@@ -313,6 +341,122 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
     con.print(f"  {TIE_RULE}", highlight=False)
     if files:
         con.print(f"wrote {', '.join(files)}", highlight=False)
+
+
+def _render_decisions(con: Any, d: dict[str, Any] | None) -> None:
+    """The decision accuracy line(s) under the holdout (nothing without a holdout)."""
+    if d is None:
+        return
+    skipped = (
+        f"; {d['skipped']} configuration(s) measured at only one of the two budgets skipped"
+        if d["skipped"]
+        else ""
+    )
+    if not d["pairs"]:
+        con.print(
+            f"  decisions: no pair of configurations measured at both {d['budget']:.3g} and {d['smaller']:.3g} "
+            f"FLOPs to compare{skipped}",
+            highlight=False,
+        )
+        return
+    con.print(
+        f"  decisions at {d['budget']:.3g} FLOPs ({d['pairs']} pairs of {d['configurations']} configurations, "
+        f"seed means): the law orders {d['law']:.0%} as measured, the {d['smaller']:.3g} budget's ranking "
+        f"{d['smaller_budget']:.0%}{skipped}",
+        highlight=False,
+    )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from moeforge.cli import EXIT_BAD_INPUT, EXIT_FAIL
+    from moeforge.search import FitFailed, ScalingInputError, check_law
+
+    try:
+        gs = _granularities(args.granularities)
+        fit = _load_or_fit(args)
+        check = check_law(
+            fit,
+            args.budget,
+            Path(args.out),
+            gs,
+            device=args.device,
+            log=lambda line: print(f"moeforge scaling check: {line}", file=sys.stderr),
+        )
+    except ScalingInputError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except FitFailed as e:
+        return _fail(str(e), EXIT_FAIL)
+    except Exception as e:  # noqa: BLE001 - a training that fails (diverged, out of memory) is one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return _fail(f"check: training failed: {type(e).__name__}{': ' + first if first else ''}", EXIT_FAIL)
+    if args.json:
+        print_json(_clean({**check.summary(), "law": fit.law, "n": fit.n_kind, "fit": str(args.fit)}))
+    else:
+        _render_check(fit, check)
+    return 0 if check.held else EXIT_FAIL
+
+
+def _granularities(text: str) -> list[float]:
+    from moeforge.search import ScalingInputError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ScalingInputError(f"--granularities {text!r}: give numbers, e.g. 1,2,4,8,16") from None
+
+
+def _render_check(fit: Any, check: Any) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from moeforge._format import count
+    from moeforge.search import n_words, tied
+
+    con = console()
+    con.print(
+        f"scaling check: the {fit.law} fit of {fit.source} at {check.budget_flops:.3g} training FLOPs, "
+        f"{check.metric} over seeds {', '.join(map(str, check.seeds))}",
+        highlight=False,
+    )
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in ("configuration", "N", "D", "G", "predicted", "95% interval", "measured", ""):
+        t.add_column(col, justify="left" if col in ("configuration", "") else "right")
+    for r in check.runs:
+        lo, hi = r.interval
+        std = f" ± {r.std:.4f}" if r.std is not None else ""
+        t.add_row(
+            r.what,
+            count(int(r.params)),
+            count(int(r.tokens)),
+            f"{r.granularity:g}" if r.granularity is not None else "-",
+            f"{r.predicted:.4f}",
+            f"{lo:.4f} - {hi:.4f}",
+            f"{r.mean:.4f}{std}",
+            "inside" if r.held else ("below" if r.mean < lo else "above"),
+        )
+    con.print(t)
+    con.print(f"  N = {n_words(fit.n_kind)}; runs in {check.out}", highlight=False)
+    opt, best = check.runs
+    same = tied(best.measured, opt.measured)
+    gap = opt.mean - best.mean
+    noise = (
+        "within the seed noise"
+        if same
+        else ("1 seed: no noise estimate" if same is None else "beyond the seed noise")
+    )
+    side = "above (worse than)" if gap > 0 else "below (better than)"
+    if opt.spec_key == best.spec_key:
+        con.print("  the law's optimum is the best of the largest budget itself (one spec)", highlight=False)
+    else:
+        con.print(
+            f"  the law's optimum measured {abs(gap):.4f} {side} the best of the largest budget ({noise})",
+            highlight=False,
+        )
+    if check.held:
+        con.print("law held: every measured loss lies inside its predicted 95% interval", highlight=False)
+    else:
+        missed = ", ".join(r.what for r in check.runs if not r.held)
+        con.print(f"law did not hold: outside the predicted 95% interval: {missed}", highlight=False)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from .decisions import decision_accuracy
 from .errors import FitFailed, ScalingInputError
 from .laws import LAWS, Law, default_law
 from .runs import Runs, best_params
@@ -177,6 +178,9 @@ class Fit:
     """The smallest and largest N of the runs (predictions outside it extrapolate in N)."""
     warnings: list[str] = field(default_factory=list)
     """Constants the runs do not determine (at a bound of the search, or an interval of zero width)."""
+    decisions: dict[str, Any] | None = None
+    """At the held-out budget: the share of configuration pairs the holdout's law orders as measured, and
+    the share the next smaller budget's ranking does (`decisions.decision_accuracy`)."""
 
     @property
     def law_obj(self) -> Law:
@@ -214,6 +218,7 @@ class Fit:
             out["holdout_note"] = self.holdout_note
         out["warnings"] = self.warnings
         out["n_range"] = self.n_range
+        out["decisions"] = self.decisions
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -248,6 +253,7 @@ class Fit:
             holdout_note=data.get("holdout_note"),
             warnings=data.get("warnings", []),
             n_range=data.get("n_range", []),
+            decisions=data.get("decisions"),
         )
 
     def search_spec(self) -> SearchSpec | None:
@@ -328,6 +334,7 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
     ci = {c: _ci95([s[c] for s in samples]) for c in law.constants}
 
     held: dict[str, Any] | None = None
+    decisions: dict[str, Any] | None = None
     note = None
     budgets = runs.budgets()
     if holdout and len(budgets) >= 2:
@@ -344,6 +351,10 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
                 "mean_abs_rel_error": float(np.mean(np.abs(tp - test.loss) / test.loss)),
                 "n_points": len(test),
             }
+            decisions = decision_accuracy(
+                runs,
+                lambda n, d, g: np.exp(law.fn(th, np.log(n), np.log(d), np.log(g) if law.uses_g else None)),
+            )
         except (ScalingInputError, FitFailed) as e:
             note = f"no holdout: without the largest budget, {e}"
     elif holdout:
@@ -368,6 +379,7 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
         search=runs.search.model_dump(mode="json") if runs.search is not None else None,
         best_params=best_params(runs),
         holdout_note=note,
+        decisions=decisions,
     )
 
 
