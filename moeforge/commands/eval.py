@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import _types as T
 from ._common import SPEC_HELP, add_overrides, console, print_json
 
 
@@ -27,11 +28,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", metavar="PATH", help="text file/folder, .bin token file(s); default the bundled corpus"
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument(
-        "--eval-tokens", type=int, default=32768, metavar="N", help="held-out tokens (default 32768)"
+        "--device", type=T.device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)"
     )
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per batch (default 16)")
+    p.add_argument(
+        "--eval-tokens",
+        type=T.int_in(1, 10**12, floats=True),
+        default=32768,
+        metavar="N",
+        help="held-out tokens (default 32768)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=T.int_in(1, 2**20),
+        default=16,
+        metavar="B",
+        help="sequences per batch (default 16)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 

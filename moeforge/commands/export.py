@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import _types as T
 from ._common import SPEC_HELP, add_overrides, print_json
 
 
@@ -38,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", metavar="PATH", help="weights: our model.safetensors or a folder holding one"
     )
-    p.add_argument("--trial", type=int, metavar="N", help="with a run dir: this trial instead of the best")
+    p.add_argument(
+        "--trial", type=T.int_in(0, 10**9), metavar="N", help="with a run dir: this trial instead of the best"
+    )
     p.add_argument(
         "--format",
         "--family",

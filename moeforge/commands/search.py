@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import _types as T
 from ._common import add_overrides, console, print_json
 
 EPILOG = """\
@@ -37,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir_arg", nargs="?", metavar="RUN_DIR", help="with `report`: the run dir")
     add_overrides(p)
-    p.add_argument("--out", metavar="RUN_DIR", help="run dir (default runs/search-<name>)")
+    p.add_argument("--out", type=T.out_dir, metavar="RUN_DIR", help="run dir (default runs/search-<name>)")
     p.add_argument(
-        "--storage", metavar="URL", help="Optuna storage: postgresql://... to share a study across machines"
+        "--storage",
+        type=T.storage,
+        metavar="URL",
+        help="Optuna storage: postgresql://... to share a study across machines",
     )
     p.add_argument("--study", metavar="NAME", help="study name (default the search's name)")
     p.add_argument(
@@ -50,12 +54,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train.cpu_threads; never more than the trials)",
     )
     p.add_argument(
-        "--trials", type=int, metavar="N", help="trials to train, across all workers (overrides n_trials)"
+        "--trials",
+        type=T.int_in(1, 10**6),
+        metavar="N",
+        help="trials to train, across all workers (overrides n_trials)",
     )
     p.add_argument(
-        "--budget-flops", type=float, metavar="C", help="training FLOPs per trial (overrides budget)"
+        "--budget-flops",
+        type=T.positive_float,
+        metavar="C",
+        help="training FLOPs per trial (overrides budget)",
     )
-    p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1 ... (overrides train.device)")
+    p.add_argument(
+        "--device", type=T.device, metavar="DEV", help="cpu, cuda, cuda:1 ... (overrides train.device)"
+    )
     p.add_argument("--json", action="store_true", help="print the result (or the report) as JSON")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument(
