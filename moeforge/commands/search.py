@@ -116,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
             update["train"] = search.train.model_copy(update={"device": args.device})
         search = search.model_copy(update=update)
         run_dir = Path(args.out or f"runs/search-{search.name}")
+        if (run_dir / "train_config.json").is_file() and not (run_dir / "run.json").is_file():
+            print(
+                f"moeforge search: --out: {run_dir} holds a `moeforge train` run; give another folder",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
         cfg = RunConfig(run_dir, args.storage, args.study, workers, args.device, not args.no_plots)
         try:
             summary = run_search(search, cfg)
@@ -184,6 +190,8 @@ def _report(args: argparse.Namespace) -> int:
     from moeforge.search import report
 
     run_dir = Path(args.run_dir_arg) if args.run_dir_arg else (Path(args.out) if args.out else None)
+    if run_dir is not None and args.storage is None:
+        _check_run_info(run_dir)
     search, records = report(
         run_dir, args.storage, args.study, plots=not args.no_plots and run_dir is not None
     )
@@ -192,6 +200,25 @@ def _report(args: argparse.Namespace) -> int:
     else:
         render(records, search, wide=args.wide)
     return 0
+
+
+def _check_run_info(run_dir: Path) -> None:
+    """A run dir's run.json names its storage and study; anything else is one line (ValueError), before
+    the report reads it."""
+    import json
+
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return  # the report says the run dir is not a search's
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("storage", "study"))):
+        raise ValueError(
+            f"{path}: not a search's run.json (an object with the strings storage and study); "
+            "give --storage URL --study NAME"
+        )
 
 
 def render(records: list[dict], search: Any, wide: bool = False, con: Any = None) -> None:
