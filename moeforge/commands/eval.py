@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import _types as T
-from ._common import SPEC_HELP, add_overrides, console, print_json
+from ._common import SPEC_HELP, add_overrides, console, print_json, trained_spec_mismatch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +70,15 @@ def run(args: argparse.Namespace) -> int:
     spec_path = Path(args.spec)
     spec = load_spec(spec_path / "spec.yaml" if spec_path.is_dir() else args.spec, args.overrides)
     from .train import set_cpu_threads
+
+    if args.eval_tokens < spec.seq_len:
+        return _fail(
+            f"--eval-tokens: {args.eval_tokens} is less than one sequence of {spec.name} ({spec.seq_len} tokens)",
+            EXIT_BAD_INPUT,
+        )
+    mismatch = trained_spec_mismatch(spec, args.checkpoint)
+    if mismatch:
+        return _fail(mismatch, EXIT_BAD_INPUT)
 
     # the checkpoint's header is checked against a model on the meta device: nothing is allocated for a
     # checkpoint that does not fit

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _types as T
-from ._common import SPEC_HELP, add_overrides, print_json
+from ._common import SPEC_HELP, add_overrides, print_json, trained_spec_mismatch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
             if args.trial is not None:
                 return _fail(f"--trial: {args.spec} is not a search run dir")
             spec = load_spec(args.spec, args.overrides)
+            mismatch = checkpoint and trained_spec_mismatch(spec, checkpoint)
+            if mismatch:
+                return _fail(mismatch)
         fmt = choose_format(spec, args.format)
         card = model_card(spec, fmt, evidence)
         config_path, weights_path = export_hf(spec, args.out, checkpoint, fmt, card=card, force=args.force)
