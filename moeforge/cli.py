@@ -15,6 +15,7 @@ import sys
 from moeforge import __version__
 
 COMMANDS = (
+    "list_",
     "validate",
     "report",
     "compare",
@@ -30,6 +31,7 @@ COMMANDS = (
 
 EPILOG = """\
 examples:
+  moeforge list                                    the shipped model and search specs, one line each
   moeforge report deepseekmoe-16b                  parameters and FLOPs of a shipped spec
   moeforge report my.yaml --by layer --json        per-layer counts for tools
   moeforge compare gshard-2b deepseekmoe-2b        side by side
