@@ -76,9 +76,6 @@ def run(args: argparse.Namespace) -> int:
             f"--eval-tokens: {args.eval_tokens} is less than one sequence of {spec.name} ({spec.seq_len} tokens)",
             EXIT_BAD_INPUT,
         )
-    mismatch = trained_spec_mismatch(spec, args.checkpoint)
-    if mismatch:
-        return _fail(mismatch, EXIT_BAD_INPUT)
 
     # the checkpoint's header is checked against a model on the meta device: nothing is allocated for a
     # checkpoint that does not fit
@@ -90,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
     except Exception as e:  # safetensors reports a corrupt file with its own error types
         return _fail(f"{args.checkpoint}: cannot read checkpoint ({type(e).__name__}: {e})", EXIT_FAIL)
+    mismatch = trained_spec_mismatch(spec, args.checkpoint)  # the same shapes can be another model
+    if mismatch:
+        return _fail(mismatch, EXIT_BAD_INPUT)
     set_cpu_threads(None, model)
     materialize(model, spec, device)
     try:

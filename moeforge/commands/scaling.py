@@ -82,9 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("fit", metavar="FIT", help="a fit.json from `scaling fit --out`, or a SOURCE to fit now")
-    q.add_argument(
-        "--budget", type=T.positive_float, required=True, metavar="C", help="training FLOPs, e.g. 1e21"
-    )
+    q.add_argument("--budget", type=float, required=True, metavar="C", help="training FLOPs, e.g. 1e21")
     q.add_argument(
         "--granularities",
         default="1,2,4,8,16",
@@ -104,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="OUT.yaml",
         help="write the model spec that realizes the optimum (fits of a search only)",
     )
-    _fit_options(q, resamples_min=1)  # predict's interval needs bootstrap fits
+    _fit_options(q)
     q.add_argument("--json", action="store_true", help="print the prediction as JSON (only JSON on stdout)")
     q.set_defaults(run=run_predict)
 

@@ -295,7 +295,6 @@ FLAGS = [
     (["scaling", "fit", "runs.csv"], "--resamples", COUNT),
     (["scaling", "fit", "runs.csv"], "--seed", SEED),
     (["scaling", "fit", "runs.csv"], "--target", FLOAT),
-    (["scaling", "predict", "runs.csv"], "--budget", FLOAT),
     (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--resamples", COUNT),
     (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--seed", SEED),
     (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--granularities", FLOAT),
@@ -469,14 +468,18 @@ def test_search_report_of_a_broken_run_json(
 
 
 def _run_dir(tmp_path: Path, top_k: int = 2) -> Path:
-    """A run dir as `moeforge train` leaves it, as far as the checks before any weight is read look."""
-    from moeforge.compiler import load_spec, spec_to_yaml
+    """A run dir as `moeforge train` leaves it: spec.yaml, train_config.json and an (untrained) checkpoint."""
+    from moeforge.compiler import build, load_spec, spec_to_yaml
+    from safetensors.torch import save_file
 
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
-    (run / "spec.yaml").write_text(spec_to_yaml(load_spec("debug", [f"moe.top_k={top_k}"])))
+    spec = load_spec("debug", [f"moe.top_k={top_k}"])
+    (run / "spec.yaml").write_text(spec_to_yaml(spec))
     (run / "train_config.json").write_text('{"config": {}, "data": null}\n')
-    (run / "checkpoint" / "model.safetensors").write_bytes(b"")
+    state = {k: v.contiguous() for k, v in build(spec).state_dict().items()}
+    save_file(state, str(run / "checkpoint" / "model.safetensors"))
+    (run / "checkpoint" / "state.json").write_text('{"format": 1, "step": 0}\n')
     return run
 
 
@@ -512,3 +515,20 @@ def test_eval_tokens_below_one_sequence_are_refused(
     run = _run_dir(tmp_path)
     line = _refused(["eval", str(run), "--checkpoint", str(run), "--eval-tokens", "5"], capsys)
     assert line == "moeforge eval: --eval-tokens: 5 is less than one sequence of debug (128 tokens)"
+
+
+def test_scaling_predict_at_a_budget_too_small_for_any_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    rows = ["params,tokens,loss,flops,seed"]
+    for c in (1e17, 1e18, 1e19):
+        for n in np.geomspace(1e7, 1e9, 6):
+            loss = 1.69 + 406.4 / n**0.34 + 410.7 / (c / (6 * n)) ** 0.28
+            rows.append(f"{n:.0f},{c / (6 * n):.0f},{loss * (1 + 0.005 * rng.standard_normal()):.5f},{c},0")
+    csv = tmp_path / "runs.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    line = _refused(["scaling", "predict", str(csv), "--budget", "1", "--resamples", "0"], capsys)
+    assert line.startswith("moeforge scaling: --budget 1: too small for any model"), line
