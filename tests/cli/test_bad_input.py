@@ -532,3 +532,32 @@ def test_scaling_predict_at_a_budget_too_small_for_any_model(
     csv.write_text("\n".join(rows) + "\n")
     line = _refused(["scaling", "predict", str(csv), "--budget", "1", "--resamples", "0"], capsys)
     assert line.startswith("moeforge scaling: --budget 1: too small for any model"), line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "debug", "--seed", "99999999999999999999999"],
+        ["train", "debug", "--tokens", "inf"],
+        ["train", "debug", "--lr", "inf", "--steps", "1"],
+        ["train", "debug", "--device", "tpu", "--steps", "1"],
+        ["train", "debug", "--threads", "100000", "--steps", "1"],
+        ["train", "debug", "--threads", "0", "--steps", "1"],
+        ["scaling", "fit", "runs.csv", "--seed=-1"],
+        ["scaling", "predict", "runs.csv", "--budget", "1e20", "--seed=-3"],
+        ["scaling", "fit", "runs.csv", "--resamples", "100000000000"],
+        ["scaling", "predict", "runs.csv", "--budget", "1e20", "--granularities", "nan"],
+        ["report", "debug", "--data", "bundled", "--budget-flops", "nan"],
+        ["report", "debug", "--data", "bundled", "--budget-flops=-5"],
+        ["eval", "debug", "--checkpoint", "x", "--batch-size=-1"],
+        ["eval", "debug", "--checkpoint", "x", "--eval-tokens", "0"],
+        ["data", "prepare", "bundled", "--out", "d", "--train-tokenizer", "1000000000"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_the_inputs_issue_17_found(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert " must be " in _refused(argv, capsys)
+    assert list(tmp_path.iterdir()) == []
