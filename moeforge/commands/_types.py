@@ -80,13 +80,13 @@ def threads(text: str) -> int:
     return int_in(1, MAX_THREADS)(text)
 
 
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def device(text: str) -> str:
-    """auto, cpu, mps, cuda or cuda:N (whether it exists here is checked when it is used)."""
+    """auto, cpu, cuda or cuda:N, as the help says (whether it exists here is checked when it is used)."""
     if not _DEVICE.match(text):
-        raise _bad(text, "auto, cpu, cuda, cuda:N or mps")
+        raise _bad(text, "auto, cpu, cuda or cuda:N")
     return text
 
 

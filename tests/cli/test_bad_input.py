@@ -271,7 +271,7 @@ BAD_VALUES = {
     FLOAT: ["nan", "inf", "-inf", "-5", "0", "x", "1e999"],
     COUNT: ["nan", "inf", "-1", "x", "1e30", "99999999999999999999999", "2.5"],
     SEED: ["-1", "-3", str(2**32), "99999999999999999999999", "nan", "x"],
-    DEVICE: ["tpu", "cuda:x", "gpu", ""],
+    DEVICE: ["tpu", "cuda:x", "gpu", "mps", ""],
 }
 FLAGS = [
     (["train", "debug"], "--budget-flops", FLOAT),
