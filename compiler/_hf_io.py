@@ -23,9 +23,14 @@ class _LazyTensors(Mapping[str, Any]):
     """Tensors of one or more safetensors files, read on access."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._handles = []
+        for f in files:
+            try:
+                self._handles.append(safe_open(str(f), framework="pt"))
+            except (SafetensorError, OSError) as e:
+                raise HFError(f"{f}: not a readable safetensors file ({e})") from None
         self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
     def __getitem__(self, key: str) -> Any:
@@ -62,8 +67,10 @@ def import_hf(
         raise HFError(f"{config_path}: no such config.json")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFError(f"{config_path}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise HFError(f"{config_path}: a JSON {type(config).__name__}, not an object of config fields")
     model_dir = config_path.parent
     name = name or (model_dir.name if model_dir.name not in ("", ".") else config.get("model_type", "model"))
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lower() or "model"
@@ -104,7 +111,12 @@ def _read_checkpoint(spec: ModelSpec, checkpoint: str | Path) -> dict[str, Any]:
         ckpt = found[0]
     if not ckpt.is_file():
         raise HFError(f"{ckpt}: no such checkpoint")
-    state = load_file(str(ckpt))
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(ckpt))
+    except (SafetensorError, OSError) as e:
+        raise HFError(f"{ckpt}: not a readable safetensors file ({e})") from None
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build(spec).state_dict().items()}
     for key, shape in expected.items():

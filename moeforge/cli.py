@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from moeforge import __version__
 
 COMMANDS = (
+    "list_",
     "validate",
     "report",
     "compare",
@@ -29,6 +31,7 @@ COMMANDS = (
 
 EPILOG = """\
 examples:
+  moeforge list                                    the shipped model and search specs, one line each
   moeforge report deepseekmoe-16b                  parameters and FLOPs of a shipped spec
   moeforge report my.yaml --by layer --json        per-layer counts for tools
   moeforge compare gshard-2b deepseekmoe-2b        side by side
@@ -44,8 +47,17 @@ Shipped specs can be named without a path; `moeforge schema` prints the JSON Sch
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line, ``moeforge train: --lr: must be a finite number > 0 (got 'inf')``, exit 2
+    (argparse's default prints the whole usage first). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="moeforge",
         description="YAML specs of DeepSeekMoE-style Mixture-of-Experts models: validate, count, train, search.",
         epilog=EPILOG,
@@ -66,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, a usage error: a status, so in-process callers see it too
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` starts torchrun with it
     from moeforge.compiler import SpecError
 
@@ -80,3 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a file where a folder goes (or the reverse), a folder not writable: the user's to fix
+        print(f"{parser.prog} {args.command}: {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -245,6 +245,8 @@ def load_tokenizer(spec: str, eot: str | None = None) -> TokenizerInfo:
         text = file.read_text()
     except OSError as e:
         raise DataError(f"{file}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{file}: not a tokenizers tokenizer.json (not UTF-8 text)") from None
     name = path.name if path.is_dir() else (file.parent.name if file.name == TOKENIZER_FILE else file.stem)
     return _tokenizer_info(text, name or "tokenizer", eot, str(file))
 

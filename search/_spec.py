@@ -289,8 +289,12 @@ class Budget(_Section):
 
     @model_validator(mode="after")
     def _positive(self) -> Budget:
-        if any(not c > 0 for c in self.budgets):
-            raise ValueError(f"train_flops: budgets must be > 0, got {list(self.budgets)}")
+        if not self.budgets:
+            raise ValueError(
+                "train_flops: an empty list; give a budget (1.0e+12) or a ladder ([1.0e+11, 1.0e+12])"
+            )
+        if any(not 0 < c < float("inf") for c in self.budgets):
+            raise ValueError(f"train_flops: budgets must be finite and > 0, got {list(self.budgets)}")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"train_flops: {list(self.budgets)} repeats a budget")
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _types as T
 from ._common import console, print_json
 
 
@@ -41,20 +42,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--train-tokenizer",
-        type=int,
+        type=T.int_in(257, 2**20),
         metavar="V",
         help="train a byte-level BPE of vocabulary V on the train split; saved as DIR/tokenizer.json",
     )
-    q.add_argument("--out", required=True, metavar="DIR", help="the dataset folder")
+    q.add_argument("--out", type=T.out_dir, required=True, metavar="DIR", help="the dataset folder")
     q.add_argument("--text-field", default="text", help="JSON-lines field / parquet column (default text)")
     q.add_argument(
-        "--val-fraction", type=float, default=0.05, help="fraction of documents for validation (default 0.05)"
+        "--val-fraction",
+        type=T.fraction,
+        default=0.05,
+        help="fraction of documents for validation (default 0.05)",
     )
-    q.add_argument("--seed", type=int, default=0, help="which documents are validation (default 0)")
-    q.add_argument("--workers", type=int, metavar="N", help="tokenizing processes (default: every CPU)")
+    q.add_argument("--seed", type=T.seed, default=0, help="which documents are validation (default 0)")
+    q.add_argument(
+        "--workers", type=T.int_in(1, 1024), metavar="N", help="tokenizing processes (default: every CPU)"
+    )
     q.add_argument(
         "--shard-tokens",
-        type=lambda s: int(float(s)),
+        type=T.int_in(1, 2**31 - 1, floats=True),
         default=100_000_000,
         metavar="N",
         help="tokens per shard (default 1e8)",

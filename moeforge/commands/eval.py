@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._common import SPEC_HELP, add_overrides, console, print_json
+from . import _types as T
+from ._common import SPEC_HELP, add_overrides, console, print_json, trained_spec_mismatch
 from .train import TRAIN_CONFIG_FILE
 
 
@@ -37,11 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="`bundled`, a dataset folder of `moeforge data prepare`, text file/folder, .bin token file(s); "
         "default the data of the run dir, else the bundled corpus",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument(
-        "--eval-tokens", type=int, default=32768, metavar="N", help="held-out tokens (default 32768)"
+        "--device", type=T.device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)"
     )
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per batch (default 16)")
+    p.add_argument(
+        "--eval-tokens",
+        type=T.int_in(1, 10**12, floats=True),
+        default=32768,
+        metavar="N",
+        help="held-out tokens (default 32768)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=T.int_in(1, 2**20),
+        default=16,
+        metavar="B",
+        help="sequences per batch (default 16)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -68,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(spec_path / "spec.yaml" if spec_path.is_dir() else args.spec, args.overrides)
     from .train import set_cpu_threads
 
+    if args.eval_tokens < spec.seq_len:
+        return _fail(
+            f"--eval-tokens: {args.eval_tokens} is less than one sequence of {spec.name} ({spec.seq_len} tokens)",
+            EXIT_BAD_INPUT,
+        )
+
     # the checkpoint's header is checked against a model on the meta device: nothing is allocated for a
     # checkpoint that does not fit
     model = build(spec, device="meta")
@@ -78,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
     except Exception as e:  # safetensors reports a corrupt file with its own error types
         return _fail(f"{args.checkpoint}: cannot read checkpoint ({type(e).__name__}: {e})", EXIT_FAIL)
+    mismatch = trained_spec_mismatch(spec, args.checkpoint)  # the same shapes can be another model
+    if mismatch:
+        return _fail(mismatch, EXIT_BAD_INPUT)
     set_cpu_threads(None, model)
     materialize(model, spec, device)
     try:

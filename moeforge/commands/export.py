@@ -11,7 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ._common import SPEC_HELP, add_overrides, print_json
+from . import _types as T
+from ._common import SPEC_HELP, add_overrides, print_json, trained_spec_mismatch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", metavar="PATH", help="weights: our model.safetensors or a folder holding one"
     )
-    p.add_argument("--trial", type=int, metavar="N", help="with a run dir: this trial instead of the best")
+    p.add_argument(
+        "--trial", type=T.int_in(0, 10**9), metavar="N", help="with a run dir: this trial instead of the best"
+    )
     p.add_argument(
         "--format",
         "--family",
@@ -113,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
             if args.trial is not None:
                 return _fail(f"--trial: {args.spec} is not a search run dir")
             spec = load_spec(args.spec, args.overrides)
+            mismatch = checkpoint and trained_spec_mismatch(spec, checkpoint)
+            if mismatch:
+                return _fail(mismatch)
         fmt = choose_format(spec, args.format)
         card = model_card(spec, fmt, evidence)
         config_path, weights_path = export_hf(spec, args.out, checkpoint, fmt, card=card, force=args.force)

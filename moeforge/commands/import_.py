@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _types as T
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,7 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "src", metavar="SRC", help="a config.json, or a model folder with config.json and *.safetensors"
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for <name>.yaml and model.safetensors")
+    p.add_argument(
+        "--out",
+        type=T.out_dir,
+        required=True,
+        metavar="DIR",
+        help="folder for <name>.yaml and model.safetensors",
+    )
     p.add_argument("--name", help="spec name (default: the model folder's name)")
     p.set_defaults(run=run)
 

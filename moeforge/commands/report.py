@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from . import _types as T
 from ._common import SPEC_HELP, add_overrides, console, print_json
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--budget-flops",
-        type=float,
+        type=T.positive_float,
         metavar="C",
         help="with --data: how many tokens and epochs this training budget makes (and whether it repeats data)",
     )

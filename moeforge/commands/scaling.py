@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import _types as T
 from ._common import console, print_json
 
 EPILOG = """\
@@ -55,11 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     _fit_options(f)
     f.add_argument(
-        "--out", metavar="DIR", help="write DIR/fit.json (what predict reads) and the plots (PNG, HTML)"
+        "--out",
+        type=T.out_dir,
+        metavar="DIR",
+        help="write DIR/fit.json (what predict reads) and the plots (PNG, HTML)",
     )
     f.add_argument(
         "--target",
-        type=float,
+        type=T.positive_float,
         metavar="C",
         help="with --out: also plot the extrapolation to C training FLOPs",
     )
@@ -83,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--granularities",
         default="1,2,4,8,16",
+        type=T.positive_floats,
         metavar="G,...",
         help="candidate granularities (m) for laws with G (default 1,2,4,8,16)",
     )
@@ -129,7 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.set_defaults(run=run_check)
 
 
-def _fit_options(p: argparse.ArgumentParser) -> None:
+def _fit_options(p: argparse.ArgumentParser, resamples_min: int = 0) -> None:
     p.add_argument(
         "--law",
         choices=("chinchilla", "krajewski"),
@@ -145,9 +150,13 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
         "without embedding and head)",
     )
     p.add_argument(
-        "--resamples", type=int, default=200, metavar="K", help="bootstrap resamples (default 200; 0: none)"
+        "--resamples",
+        type=T.int_in(resamples_min, 100_000),
+        default=200,
+        metavar="K",
+        help="bootstrap resamples (default 200; 0: none)",
     )
-    p.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
+    p.add_argument("--seed", type=T.seed, default=0, help="the bootstrap's random seed (default 0)")
 
 
 def _fail(msg: str, code: int) -> int:

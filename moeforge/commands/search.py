@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import _types as T
 from ._common import add_overrides, console, print_json
 from ._tracking import add_log_flag, check_log_flag
 
@@ -39,9 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir_arg", nargs="?", metavar="RUN_DIR", help="with `report`: the run dir")
     add_overrides(p)
-    p.add_argument("--out", metavar="RUN_DIR", help="run dir (default runs/search-<name>)")
+    p.add_argument("--out", type=T.out_dir, metavar="RUN_DIR", help="run dir (default runs/search-<name>)")
     p.add_argument(
-        "--storage", metavar="URL", help="Optuna storage: postgresql://... to share a study across machines"
+        "--storage",
+        type=T.storage,
+        metavar="URL",
+        help="Optuna storage: postgresql://... to share a study across machines",
     )
     p.add_argument("--study", metavar="NAME", help="study name (default the search's name)")
     p.add_argument(
@@ -52,12 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train.cpu_threads; never more than the trials)",
     )
     p.add_argument(
-        "--trials", type=int, metavar="N", help="trials to train, across all workers (overrides n_trials)"
+        "--trials",
+        type=T.int_in(1, 10**6),
+        metavar="N",
+        help="trials to train, across all workers (overrides n_trials)",
     )
     p.add_argument(
-        "--budget-flops", type=float, metavar="C", help="training FLOPs per trial (overrides budget)"
+        "--budget-flops",
+        type=T.positive_float,
+        metavar="C",
+        help="training FLOPs per trial (overrides budget)",
     )
-    p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1 ... (overrides train.device)")
+    p.add_argument(
+        "--device", type=T.device, metavar="DEV", help="cpu, cuda, cuda:1 ... (overrides train.device)"
+    )
     add_log_flag(p)
     p.add_argument(
         "--json", action="store_true", help="print the result (or the report) as JSON (live display off)"
@@ -111,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
             update["train"] = search.train.model_copy(update={"device": args.device})
         search = search.model_copy(update=update)
         run_dir = Path(args.out or f"runs/search-{search.name}")
+        if (run_dir / "train_config.json").is_file() and not (run_dir / "run.json").is_file():
+            print(
+                f"moeforge search: --out: {run_dir} holds a `moeforge train` run; give another folder",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
         cfg = RunConfig(run_dir, args.storage, args.study, workers, args.device, not args.no_plots)
         # the live display is for a person at a terminal; else (and with --json) the log lines alone
         live = not args.json and sys.stdout.isatty() and sys.stderr.isatty()
@@ -182,6 +200,8 @@ def _report(args: argparse.Namespace) -> int:
     from moeforge.search import report
 
     run_dir = Path(args.run_dir_arg) if args.run_dir_arg else (Path(args.out) if args.out else None)
+    if run_dir is not None and args.storage is None:
+        _check_run_info(run_dir)
     search, records = report(
         run_dir, args.storage, args.study, plots=not args.no_plots and run_dir is not None
     )
@@ -190,6 +210,25 @@ def _report(args: argparse.Namespace) -> int:
     else:
         render(records, search, wide=args.wide)
     return 0
+
+
+def _check_run_info(run_dir: Path) -> None:
+    """A run dir's run.json names its storage and study; anything else is one line (ValueError), before
+    the report reads it."""
+    import json
+
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return  # the report says the run dir is not a search's
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("storage", "study"))):
+        raise ValueError(
+            f"{path}: not a search's run.json (an object with the strings storage and study); "
+            "give --storage URL --study NAME"
+        )
 
 
 def render(records: list[dict], search: Any, wide: bool = False, con: Any = None) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import _types as T
 from ._common import SPEC_HELP, add_overrides, console, print_json
 from ._tracking import add_log_flag, check_log_flag, run_tracking
 
@@ -53,49 +54,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_overrides(p)
     b = p.add_mutually_exclusive_group()
-    b.add_argument("--budget-flops", type=float, metavar="C", help="training FLOPs (e.g. 2e12)")
-    b.add_argument("--tokens", type=lambda s: int(float(s)), metavar="N", help="training tokens")
-    b.add_argument("--steps", type=int, metavar="N", help="optimizer steps")
+    b.add_argument("--budget-flops", type=T.positive_float, metavar="C", help="training FLOPs (e.g. 2e12)")
+    b.add_argument("--tokens", type=T.int_in(1, 10**15, floats=True), metavar="N", help="training tokens")
+    b.add_argument("--steps", type=T.int_in(1, 10**9), metavar="N", help="optimizer steps")
     p.add_argument(
         "--time",
         dest="time_s",
-        type=float,
+        type=T.positive_float,
         metavar="S",
         help="wall-clock limit in seconds (alone or as a cap)",
     )
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--device", type=T.device, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument(
         "--data",
         metavar="PATH",
         help="a dataset folder of `moeforge data prepare`, text file/folder, .bin token file(s); default the "
         "bundled corpus",
     )
-    p.add_argument("--out", metavar="DIR", help="run dir (default runs/<spec-name>-<timestamp>)")
+    p.add_argument(
+        "--out", type=T.out_dir, metavar="DIR", help="run dir (default runs/<spec-name>-<timestamp>)"
+    )
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out (or SPEC as run dir), also to a larger budget",
     )
-    p.add_argument("--seed", type=int, help="data order and initialization seed (default 0)")
-    p.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (default 16)")
-    p.add_argument("--micro-batch-size", type=int, metavar="M", help="gradient accumulation micro batch")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--seed", type=T.seed, help="data order and initialization seed (default 0)")
+    p.add_argument(
+        "--batch-size", type=T.int_in(1, 2**20), metavar="B", help="sequences per step (default 16)"
+    )
+    p.add_argument(
+        "--micro-batch-size", type=T.int_in(1, 2**20), metavar="M", help="gradient accumulation micro batch"
+    )
+    p.add_argument("--lr", type=T.positive_float, help="peak learning rate (default 3e-3)")
     p.add_argument("--schedule", choices=("cosine", "wsd"), help="learning-rate schedule (default cosine)")
     p.add_argument(
         "--cooldown",
-        type=float,
+        type=T.unit_interval,
         metavar="F",
         help="wsd: fraction of the run in the 1-sqrt cooldown (default 0.2)",
     )
     p.add_argument(
         "--warmup-tokens",
-        type=lambda s: int(float(s)),
+        type=T.int_in(0, 10**15, floats=True),
         metavar="N",
         help="linear warmup over N tokens instead of 5%% of the run",
     )
-    p.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
+    p.add_argument("--beta2", type=T.fraction, help="AdamW beta2 (default 0.95)")
     p.add_argument(
-        "--eval-tokens", type=int, metavar="N", help="held-out tokens per evaluation (default 32768)"
+        "--eval-tokens",
+        type=T.int_in(1, 10**12, floats=True),
+        metavar="N",
+        help="held-out tokens per evaluation (default 32768)",
     )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
@@ -117,7 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=T.threads,
         metavar="N",
         help="CPU threads for torch ops (default: 1 for models under 10M parameters, whose ops are too small to "
         "split, else torch's default)",

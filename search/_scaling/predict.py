@@ -72,6 +72,11 @@ def optimum_6n(
         return float(f.predict_loss(n, budget / (k * n**s), g, constants))
 
     hi = math.log((budget / (10 * k)) ** (1 / s))  # at least 10 tokens
+    if hi <= math.log(10.0):
+        raise ScalingInputError(
+            f"--budget {budget:g}: too small for any model (10 parameters seeing 10 tokens take "
+            f"{10 * k * 10**s:g} FLOPs)"
+        )
     res = minimize_scalar(loss, bounds=(math.log(10.0), hi), method="bounded", options={"xatol": 1e-10})
     return math.exp(float(res.x)), float(res.fun)
 

@@ -260,3 +260,304 @@ def test_compare_with_a_missing_spec(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["compare", "debug", "debugg"]) == 2
     _, err = capsys.readouterr()
     assert err == "debugg:1:1: no such file or shipped spec; did you mean 'debug'?\n"
+
+
+# ------------------------------------------------------------------- every flag of every command (issue 17)
+# Each flag that takes a number, a seed, a device, a storage or an output folder, with the arguments that
+# make the rest of the command valid. Every bad value must be refused while the arguments are parsed: one
+# line `moeforge CMD: --flag: ...`, exit 2, before anything runs.
+FLOAT, COUNT, SEED, DEVICE = "float", "count", "seed", "device"
+BAD_VALUES = {
+    FLOAT: ["nan", "inf", "-inf", "-5", "0", "x", "1e999"],
+    COUNT: ["nan", "inf", "-1", "x", "1e30", "99999999999999999999999", "2.5"],
+    SEED: ["-1", "-3", str(2**32), "99999999999999999999999", "nan", "x"],
+    DEVICE: ["tpu", "cuda:x", "gpu", "mps", ""],
+}
+FLAGS = [
+    (["train", "debug"], "--budget-flops", FLOAT),
+    (["train", "debug"], "--lr", FLOAT),
+    (["train", "debug", "--steps", "1"], "--time", FLOAT),
+    (["train", "debug"], "--tokens", COUNT),
+    (["train", "debug"], "--steps", COUNT),
+    (["train", "debug", "--steps", "1"], "--batch-size", COUNT),
+    (["train", "debug", "--steps", "1"], "--micro-batch-size", COUNT),
+    (["train", "debug", "--steps", "1"], "--eval-tokens", COUNT),
+    (["train", "debug", "--steps", "1"], "--threads", COUNT),
+    (["train", "debug", "--steps", "1"], "--seed", SEED),
+    (["train", "debug", "--steps", "1"], "--device", DEVICE),
+    (["eval", "debug", "--checkpoint", "x"], "--batch-size", COUNT),
+    (["eval", "debug", "--checkpoint", "x"], "--eval-tokens", COUNT),
+    (["eval", "debug", "--checkpoint", "x"], "--device", DEVICE),
+    (["report", "debug", "--data", "bundled"], "--budget-flops", FLOAT),
+    (["search", "quickstart"], "--budget-flops", FLOAT),
+    (["search", "quickstart"], "--trials", COUNT),
+    (["search", "quickstart"], "--device", DEVICE),
+    (["scaling", "fit", "runs.csv"], "--resamples", COUNT),
+    (["scaling", "fit", "runs.csv"], "--seed", SEED),
+    (["scaling", "fit", "runs.csv"], "--target", FLOAT),
+    (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--resamples", COUNT),
+    (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--seed", SEED),
+    (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--granularities", FLOAT),
+    (["data", "prepare", "bundled", "--out", "d"], "--train-tokenizer", COUNT),
+    (["data", "prepare", "bundled", "--out", "d"], "--seed", SEED),
+    (["data", "prepare", "bundled", "--out", "d"], "--workers", COUNT),
+    (["data", "prepare", "bundled", "--out", "d"], "--shard-tokens", COUNT),
+    (["data", "prepare", "bundled", "--out", "d"], "--val-fraction", FLOAT),
+    (["export", "hf", "debug", "--out", "e"], "--trial", COUNT),
+]
+CASES = [
+    pytest.param([*argv, f"{flag}={value}"], flag, id=f"{argv[0]}{flag}={value}")
+    for argv, flag, kind in FLAGS
+    for value in BAD_VALUES[kind]
+]
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `moeforge ARGV` in this process; it must exit 2 with one line on stderr and no traceback."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == 2, f"exit {code}: {out}{err}"
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "flag"), CASES)
+def test_every_bad_flag_value_is_one_line_naming_the_flag(
+    argv: list[str],
+    flag: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may be written, and surely not into the checkout
+    line = _refused(argv, capsys)
+    command = " ".join(argv[:2] if argv[0] in ("scaling", "data") else argv[:1])
+    assert line.startswith(f"moeforge {command}: {flag}: "), line
+    assert "must be" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "100000", "5000"])
+def test_threads_are_at_least_one_and_at_most_the_cores(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _refused(["train", "debug", "--steps", "1", "--threads", value], capsys)
+    assert line.startswith("moeforge train: --threads: must be an integer in [1, ")
+
+
+def test_a_storage_of_an_unknown_scheme_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for argv in (["search", "quickstart"], ["search", "report"]):
+        line = _refused([*argv, "--storage", "bogus://x"], capsys)
+        assert line.startswith("moeforge search: --storage: must be sqlite:///FILE, postgresql://"), line
+    assert list(tmp_path.iterdir()) == []  # no ./bogus:/x journal
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "debug", "--steps", "1", "--out", "{file}"],
+        ["search", "quickstart", "--out", "{file}"],
+        ["scaling", "fit", "runs.csv", "--out", "{file}"],
+        ["import", "hf", "config.json", "--out", "{file}"],
+        ["data", "prepare", "bundled", "--out", "{file}"],
+        ["data", "prepare", "bundled", "--out", "{file}/sub"],
+    ],
+    ids=["train", "search", "scaling-fit", "import-hf", "data-prepare", "data-prepare-under-a-file"],
+)
+def test_out_naming_an_existing_file_is_refused(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("keep me\n")
+    line = _refused([a.replace("{file}", str(file)) for a in argv], capsys)
+    assert ": --out: " in line and str(file) in line, line
+    assert file.read_text() == "keep me\n"
+
+
+def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    line = _refused(["train", "debug", "--no-such-flag"], capsys)
+    assert line.startswith("moeforge: unrecognized arguments: --no-such-flag") or "--no-such-flag" in line
+    assert _refused(["data", "prepare"], capsys).startswith("moeforge data prepare: the following arguments")
+
+
+def test_help_is_still_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "usage: moeforge" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- files that are broken (issue 17 item 9)
+SEARCH_EMPTY_BUDGET = (
+    "name: s\nbase: debug\nspace: {granularity: [1, 2]}\nbudget: {train_flops: []}\nn_trials: 2\n"
+)
+
+
+@pytest.mark.parametrize("command", ["validate", "search"])
+def test_an_empty_budget_list_is_a_located_spec_error(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(SEARCH_EMPTY_BUDGET)
+    argv = [command, str(path)] + (["--out", str(tmp_path / "run")] if command == "search" else [])
+    line = _refused(argv, capsys)
+    assert line.startswith(f"{path}:4:10: budget.train_flops: an empty list"), line
+
+
+@pytest.mark.parametrize("content", [b"", b"\x93NUMPY random bytes" * 7], ids=["empty", "random"])
+def test_export_with_a_broken_safetensors_checkpoint(
+    content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(content)
+    line = _refused(
+        ["export", "hf", "debug", "--checkpoint", str(ckpt), "--out", str(tmp_path / "e")], capsys
+    )
+    assert line.startswith(f"moeforge export: {ckpt}: not a readable safetensors file"), line
+
+
+def _hf_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    folder = tmp_path / "hf"
+    assert main(["export", "hf", "debug", "--out", str(folder)]) == 0
+    capsys.readouterr()
+    return folder
+
+
+def test_import_with_a_broken_safetensors_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _hf_folder(tmp_path, capsys)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    line = _refused(["import", "hf", str(folder), "--out", str(tmp_path / "o")], capsys)
+    assert line.startswith(f"moeforge import: {folder / 'model.safetensors'}: not a readable safetensors"), (
+        line
+    )
+
+
+@pytest.mark.parametrize(
+    "content", [b"[1, 2]", b'"a string"', b"\x89PNG\r\n\x1a\n\x00\xff"], ids=["list", "string", "binary"]
+)
+def test_import_of_a_config_that_is_not_an_object(
+    content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_bytes(content)
+    line = _refused(["import", "hf", str(config), "--out", str(tmp_path / "o")], capsys)
+    assert line.startswith(f"moeforge import: {config}: "), line
+
+
+def test_data_prepare_with_a_binary_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tok = tmp_path / "tok.json"
+    tok.write_bytes(bytes(range(128, 256)) * 3)
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 10)
+    line = _refused(
+        ["data", "prepare", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "d")], capsys
+    )
+    assert line.startswith(f"moeforge data prepare: {tok}: not a tokenizers tokenizer.json"), line
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"storage": 3, "study": "s"}', "\x00garbage"])
+def test_search_report_of_a_broken_run_json(
+    content: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "run.json").write_text(content)
+    line = _refused(["search", "report", str(tmp_path)], capsys)
+    assert line.startswith(f"moeforge search: {tmp_path / 'run.json'}: not "), line
+
+
+def _run_dir(tmp_path: Path, top_k: int = 2) -> Path:
+    """A run dir as `moeforge train` leaves it: spec.yaml, train_config.json and an (untrained) checkpoint."""
+    from moeforge.compiler import build, load_spec, spec_to_yaml
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    spec = load_spec("debug", [f"moe.top_k={top_k}"])
+    (run / "spec.yaml").write_text(spec_to_yaml(spec))
+    (run / "train_config.json").write_text('{"config": {}, "data": null}\n')
+    state = {k: v.contiguous() for k, v in build(spec).state_dict().items()}
+    save_file(state, str(run / "checkpoint" / "model.safetensors"))
+    (run / "checkpoint" / "state.json").write_text('{"format": 1, "step": 0}\n')
+    return run
+
+
+def test_search_out_into_a_train_run_dir_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run_dir(tmp_path)
+    line = _refused(["search", "quickstart", "--out", str(run), "--trials", "1"], capsys)
+    assert line == f"moeforge search: --out: {run} holds a `moeforge train` run; give another folder"
+    assert not (run / "run.json").exists()
+
+
+@pytest.mark.parametrize("where", ["run", "run/checkpoint", "run/checkpoint/model.safetensors"])
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_checkpoint_of_another_top_k_is_refused(
+    command: str, where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run_dir(tmp_path, top_k=2)  # the shapes of every top_k are the same
+    argv = [command, *(["hf"] if command == "export" else []), "debug", "--set", "moe.top_k=4"]
+    argv += ["--checkpoint", str(tmp_path / where)] + (
+        ["--out", str(tmp_path / "e")] if command == "export" else []
+    )
+    line = _refused(argv, capsys)
+    assert line.startswith(
+        f"moeforge {command}: --checkpoint: {run} was trained with another spec (moe.top_k 2 there, 4 here)"
+    ), line
+    assert line.endswith(f"use the spec it records: {run / 'spec.yaml'}")
+
+
+def test_eval_tokens_below_one_sequence_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run_dir(tmp_path)
+    line = _refused(["eval", str(run), "--checkpoint", str(run), "--eval-tokens", "5"], capsys)
+    assert line == "moeforge eval: --eval-tokens: 5 is less than one sequence of debug (128 tokens)"
+
+
+def test_scaling_predict_at_a_budget_too_small_for_any_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    rows = ["params,tokens,loss,flops,seed"]
+    for c in (1e17, 1e18, 1e19):
+        for n in np.geomspace(1e7, 1e9, 6):
+            loss = 1.69 + 406.4 / n**0.34 + 410.7 / (c / (6 * n)) ** 0.28
+            rows.append(f"{n:.0f},{c / (6 * n):.0f},{loss * (1 + 0.005 * rng.standard_normal()):.5f},{c},0")
+    csv = tmp_path / "runs.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    line = _refused(["scaling", "predict", str(csv), "--budget", "1", "--resamples", "0"], capsys)
+    assert line.startswith("moeforge scaling: --budget 1: too small for any model"), line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "debug", "--seed", "99999999999999999999999"],
+        ["train", "debug", "--tokens", "inf"],
+        ["train", "debug", "--lr", "inf", "--steps", "1"],
+        ["train", "debug", "--device", "tpu", "--steps", "1"],
+        ["train", "debug", "--threads", "100000", "--steps", "1"],
+        ["train", "debug", "--threads", "0", "--steps", "1"],
+        ["scaling", "fit", "runs.csv", "--seed=-1"],
+        ["scaling", "predict", "runs.csv", "--budget", "1e20", "--seed=-3"],
+        ["scaling", "fit", "runs.csv", "--resamples", "100000000000"],
+        ["scaling", "predict", "runs.csv", "--budget", "1e20", "--granularities", "nan"],
+        ["report", "debug", "--data", "bundled", "--budget-flops", "nan"],
+        ["report", "debug", "--data", "bundled", "--budget-flops=-5"],
+        ["eval", "debug", "--checkpoint", "x", "--batch-size=-1"],
+        ["eval", "debug", "--checkpoint", "x", "--eval-tokens", "0"],
+        ["data", "prepare", "bundled", "--out", "d", "--train-tokenizer", "1000000000"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_the_inputs_issue_17_found(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert " must be " in _refused(argv, capsys)
+    assert list(tmp_path.iterdir()) == []
