@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("fit", metavar="FIT", help="a fit.json from `scaling fit --out`, or a SOURCE to fit now")
-    q.add_argument("--budget", type=float, required=True, metavar="C", help="training FLOPs, e.g. 1e21")
+    q.add_argument(
+        "--budget", type=T.positive_float, required=True, metavar="C", help="training FLOPs, e.g. 1e21"
+    )
     q.add_argument(
         "--granularities",
         default="1,2,4,8,16",
@@ -120,15 +122,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     k.add_argument("fit", metavar="FIT", help="a fit.json of a search's runs, or a search run dir to fit now")
-    k.add_argument("--budget", type=float, required=True, metavar="C", help="training FLOPs, e.g. 4.5e12")
-    k.add_argument("--out", required=True, metavar="DIR", help="where the runs (and check.json) go")
+    k.add_argument(
+        "--budget", type=T.positive_float, required=True, metavar="C", help="training FLOPs, e.g. 4.5e12"
+    )
+    k.add_argument(
+        "--out", type=T.out_dir, required=True, metavar="DIR", help="where the runs (and check.json) go"
+    )
     k.add_argument(
         "--granularities",
         default="1,2,4,8,16",
+        type=T.positive_floats,
         metavar="G,...",
         help="candidate granularities (m) of the predicted optimum, as for predict (default 1,2,4,8,16)",
     )
-    k.add_argument("--device", help="cpu, cuda, ... (default the study's train.device)")
+    k.add_argument("--device", type=T.device, help="cpu, cuda, ... (default the study's train.device)")
     _fit_options(k)
     k.add_argument("--json", action="store_true", help="print the check as JSON (only JSON on stdout)")
     k.set_defaults(run=run_check)

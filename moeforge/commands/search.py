@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leaderboard: every column, full names, even wider than the terminal",
     )
-    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=T.int_in(0, 4096), help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
 

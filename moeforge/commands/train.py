@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
         "--nproc",
-        type=int,
+        type=T.int_in(1, 4096),
         metavar="N",
         help="train with N processes on this machine (starts torchrun; one GPU each on CUDA)",
     )

@@ -8,6 +8,8 @@ FILE, relative to the spec's folder, when the problem is in another file such as
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import re
@@ -267,8 +269,11 @@ def test_compare_with_a_missing_spec(capsys: pytest.CaptureFixture[str]) -> None
 # make the rest of the command valid. Every bad value must be refused while the arguments are parsed: one
 # line `moeforge CMD: --flag: ...`, exit 2, before anything runs.
 FLOAT, COUNT, SEED, DEVICE = "float", "count", "seed", "device"
+FRACTION, UNIT = "fraction", "unit"  # in (0, 1) / in [0, 1]
 BAD_VALUES = {
     FLOAT: ["nan", "inf", "-inf", "-5", "0", "x", "1e999"],
+    FRACTION: ["nan", "inf", "-0.5", "0", "1", "1.5", "x"],
+    UNIT: ["nan", "inf", "-0.5", "1.5", "x"],
     COUNT: ["nan", "inf", "-1", "x", "1e30", "99999999999999999999999", "2.5"],
     SEED: ["-1", "-3", str(2**32), "99999999999999999999999", "nan", "x"],
     DEVICE: ["tpu", "cuda:x", "gpu", "mps", ""],
@@ -285,6 +290,10 @@ FLAGS = [
     (["train", "debug", "--steps", "1"], "--threads", COUNT),
     (["train", "debug", "--steps", "1"], "--seed", SEED),
     (["train", "debug", "--steps", "1"], "--device", DEVICE),
+    (["train", "debug", "--steps", "1"], "--cooldown", UNIT),
+    (["train", "debug", "--steps", "1"], "--warmup-tokens", COUNT),
+    (["train", "debug", "--steps", "1"], "--beta2", FRACTION),
+    (["train", "debug", "--steps", "1"], "--nproc", COUNT),
     (["eval", "debug", "--checkpoint", "x"], "--batch-size", COUNT),
     (["eval", "debug", "--checkpoint", "x"], "--eval-tokens", COUNT),
     (["eval", "debug", "--checkpoint", "x"], "--device", DEVICE),
@@ -298,6 +307,12 @@ FLAGS = [
     (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--resamples", COUNT),
     (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--seed", SEED),
     (["scaling", "predict", "runs.csv", "--budget", "1e20"], "--granularities", FLOAT),
+    (["scaling", "predict", "runs.csv"], "--budget", FLOAT),
+    (["scaling", "check", "fit.json", "--out", "c"], "--budget", FLOAT),
+    (["scaling", "check", "fit.json", "--out", "c", "--budget", "1e20"], "--granularities", FLOAT),
+    (["scaling", "check", "fit.json", "--out", "c", "--budget", "1e20"], "--device", DEVICE),
+    (["scaling", "check", "fit.json", "--out", "c", "--budget", "1e20"], "--resamples", COUNT),
+    (["scaling", "check", "fit.json", "--out", "c", "--budget", "1e20"], "--seed", SEED),
     (["data", "prepare", "bundled", "--out", "d"], "--train-tokenizer", COUNT),
     (["data", "prepare", "bundled", "--out", "d"], "--seed", SEED),
     (["data", "prepare", "bundled", "--out", "d"], "--workers", COUNT),
@@ -561,3 +576,36 @@ def test_the_inputs_issue_17_found(
     monkeypatch.chdir(tmp_path)
     assert " must be " in _refused(argv, capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def _options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, option string, action) of every optional argument of every (sub)command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif action.option_strings and action.nargs != 0:
+            yield path, action.option_strings[-1], action
+
+
+def test_every_value_flag_is_checked_and_in_the_table() -> None:
+    """A flag that takes a number or a device is parsed by a checked type (moeforge/commands/_types.py) and
+    is listed in FLAGS, so the table above grows with the CLI instead of going stale."""
+    from moeforge.cli import build_parser
+
+    unchecked, untabled = [], []
+    for path, flag, action in _options(build_parser()):
+        kind = action.type
+        if kind in (int, float):
+            unchecked.append(f"{' '.join(path)} {flag}")
+        elif (
+            getattr(kind, "__module__", "") == "moeforge.commands._types"
+            and kind.__name__ not in ("out_dir", "storage")  # tried by the file and URL tests above
+            and flag != "--worker"  # internal: how a search starts its worker processes
+            and not any(argv[: len(path)] == list(path) and f == flag for argv, f, _ in FLAGS)
+        ):
+            untabled.append(f"{' '.join(path)} {flag}")
+    assert not unchecked, "parse these with a checked type from moeforge/commands/_types.py: " + ", ".join(
+        unchecked
+    )
+    assert not untabled, "add these to FLAGS: " + ", ".join(untabled)

@@ -174,11 +174,6 @@ def bad_inputs(tmp: Path, csv: Path) -> list[tuple[list[str], int, str]]:
             EXIT_BAD_INPUT,
             r"--spec needs a fit of a search's runs",
         ),  # fmt: skip
-        (
-            ["scaling", "predict", str(csv), "--budget", "-1", "--resamples", "0"],
-            EXIT_BAD_INPUT,
-            r"--budget -1.0",
-        ),
     ]
 
 
