@@ -9,7 +9,6 @@ FILE, relative to the spec's folder, when the problem is in another file such as
 from __future__ import annotations
 
 import argparse
-
 import json
 import os
 import re
