@@ -13,7 +13,7 @@ from moeforge.compiler import ModelSpec, account
 from ._spec import SearchSpec, hparams
 
 if TYPE_CHECKING:
-    from moeforge.runtime import Corpus, TrainConfig
+    from moeforge.runtime import Corpus, RunSummary, TrainConfig
     from torch import nn
 
 
@@ -33,7 +33,7 @@ def train_spec(
     resume: bool,
     on_eval: Callable[[float, dict], None] | None = None,
     extra_summary: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train a built `model` of `spec` with `moeforge.runtime.train`; returns the trainer's summary."""
     from moeforge.runtime import train  # imports torch: only where a model trains
 

@@ -13,7 +13,7 @@ import moeforge.search._heartbeat as heartbeat_mod
 import moeforge.search._worker as worker_mod
 import optuna
 import pytest
-from fakes import command, fake_evaluator
+from fakes import command, fake_evaluator, fake_summary
 from moeforge.search import (
     RunConfig,
     SearchStop,
@@ -470,7 +470,7 @@ def test_a_non_finite_bits_per_byte_fails_as_no_metric(make_search, tmp_path):
 
     def evaluate(spec, seed, budget, out_dir, on_eval):
         on_eval(0.5, {"val_loss": float("nan"), "val_bits_per_byte": None})
-        return {"final_val_loss": float("nan"), "val_bits_per_byte": None, "budget_flops": budget}
+        return fake_summary(final_val_loss=float("nan"), val_bits_per_byte=None, budget_flops=budget)
 
     run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=logs.append))
     t = study.get_trials()[0]
