@@ -101,7 +101,7 @@ def main() -> int:
     except SearchStop as e:
         print(f"fake worker: {e}", file=sys.stderr)
         return 1
-    return 0 if out["complete"] else 1
+    return 0 if out.complete else 1
 
 
 if __name__ == "__main__":
