@@ -307,7 +307,7 @@ def training_mfu(rows: list[dict], dev: torch.device, steps: int, peak_tflops: f
         cfg=cfg,
         progress=False,
     )
-    tps = summary["tokens_per_second"]
+    tps = summary.tokens_per_second or 0.0
     achieved = tps * acc.train_flops_per_token
     r = {
         "params_activated": acc.params_activated,
@@ -316,7 +316,7 @@ def training_mfu(rows: list[dict], dev: torch.device, steps: int, peak_tflops: f
         "tokens_per_second": tps,
         "achieved_tflops": achieved / 1e12,
         "mfu": achieved / (peak_tflops * 1e12),
-        "final_val_loss": summary.get("final_val_loss"),
+        "final_val_loss": summary.final_val_loss,
         "wall_s": time.perf_counter() - t0,
     }
     detail = f"{tps:,.0f} tokens/s, {r['achieved_tflops']:.1f} TFLOP/s, MFU {r['mfu']:.1%} ({steps} steps{', compiled' if compile else ''})"

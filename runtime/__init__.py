@@ -2,7 +2,8 @@
 
 Names resolve on first use (a module `__getattr__`, PEP 562), so importing the package costs nothing and
 `from moeforge.runtime import TrainConfig` needs no torch: the search checks a spec's train options with
-it when the spec loads, and `moeforge validate` answers without importing torch.
+it when the spec loads, and `moeforge validate` answers without importing torch. `RunSummary` (a run
+dir's summary.json) needs none either.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import MIN_STEPS, TrainConfig, budget_floor, budget_problem, min_steps
 from ._launch import python_module_cmd, torchrun_args
+from ._summary import RunSummary
 from ._tracking import TRACKERS, MissingTracker, TrackerFailed, Tracking, check_trackers
 
 if TYPE_CHECKING:
@@ -186,6 +188,7 @@ __all__ = [
     "OutOfMemory",
     "Trainer",
     "TrainConfig",
+    "RunSummary",
     "evaluate",
     "lr_at",
     "make_optimizer",

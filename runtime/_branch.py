@@ -28,13 +28,13 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from ._checkpoint import STATE_FILE, find_checkpoint
 from ._config import TrainConfig
 from ._data import Corpus
+from ._summary import RunSummary
 from ._train import CHECKPOINT_DIR, Trainer, in_cooldown, planned_tokens
 
 BRANCHES_DIR = "branches"
@@ -55,7 +55,7 @@ _STABLE_KEYS = (
 class StableRun:
     """What `train_stable` made: the stable run's summary and, per budget (total tokens), its branch."""
 
-    summary: dict[str, Any]
+    summary: RunSummary
     branches: dict[int, Path]
     """Total tokens of a budget -> the checkpoint folder its cooldown starts from."""
 
@@ -141,7 +141,7 @@ def train_stable(
     missing = sorted(t for t, p in branches.items() if find_checkpoint(p) is None)
     if missing:
         raise RuntimeError(
-            f"{out_dir}: the stable run stopped ({summary.get('stopped_by')}) at {summary['tokens']:,} tokens, "
+            f"{out_dir}: the stable run stopped ({summary.stopped_by}) at {summary.tokens:,} tokens, "
             f"before the branch points of totals {missing}"
         )
     return StableRun(summary, branches)
@@ -159,7 +159,7 @@ def train_cooldown(
     on_eval: Callable[[float, dict], None] | None = None,
     progress: bool = False,
     extra_summary: dict | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Finish one budget (`cfg`'s) from its branch checkpoint of `train_stable`: only the cooldown is trained.
 
     `out_dir` becomes the budget's own run dir; if it already holds this cooldown's checkpoint (an interrupted

@@ -78,9 +78,9 @@ from ._config import TrainConfig
 from ._data import Corpus, _check_fits, _windows
 from ._environment import environment
 from ._metrics import LoadTracker
+from ._summary import SUMMARY_FILE, RunSummary
 from ._tracking import Trackers, Tracking
 
-SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 
@@ -619,7 +619,7 @@ class Trainer:
 
     # ---- the loop
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunSummary:
         """Train to the budget; return the summary (also written to the run dir)."""
         cfg, total = self.cfg, self.plan.total_tokens
         try:
@@ -920,42 +920,42 @@ class Trainer:
 
     # ---- summary
 
-    def summary(self, reduce: bool = True) -> dict[str, Any]:
+    def summary(self, reduce: bool = True) -> RunSummary:
         """The run's summary; rank 0 writes it to summary.json. `reduce=False` (on errors) uses no collective
         and reports this rank's expert load only."""
         st, cfg = self.st, self.cfg
         st.train_s = self.train_s_before + self.timer.seconds()
         with self._run_load() if reduce else contextlib.nullcontext():
             load = self.tracker.summary()
-        s = {
-            "status": self.status,
-            "stopped_by": self.stopped_by,
-            "initial_val_loss": st.initial_val_loss,
-            "final_val_loss": self.last_val.get("val_loss"),
-            "val_bits_per_byte": self.last_val.get("val_bits_per_byte"),
-            "tokens": st.tokens,
-            "train_flops": st.tokens * self.fpt,
-            "budget_flops": cfg.budget_flops,
-            "planned_tokens": self.plan.total_tokens,
-            "train_flops_per_token": self.fpt,
-            "tokens_per_second": st.tokens / st.train_s if st.train_s > 0 else None,
-            "flops_per_second": st.tokens * self.fpt / st.train_s if st.train_s > 0 else None,
-            "steps": st.step,
-            "wall_s": round(self.wall(), 3),
-            "train_s": round(st.train_s, 3),
-            "device": str(self.device),
-            "environment": environment(self.device),
-            "processes": self.d.world,
-            "seq_len": self.seq_len,
-            "params": sum(p.numel() for p in dict.fromkeys(self.model.parameters())),
-            "corpus": self.corpus.name,
-            "segments": st.segments,
-            "load": load,
-            "config": cfg.to_dict(),
+        s = RunSummary(
+            status=self.status,
+            stopped_by=self.stopped_by,
+            initial_val_loss=st.initial_val_loss,
+            final_val_loss=self.last_val.get("val_loss"),
+            val_bits_per_byte=self.last_val.get("val_bits_per_byte"),
+            tokens=st.tokens,
+            train_flops=st.tokens * self.fpt,
+            budget_flops=cfg.budget_flops,
+            planned_tokens=self.plan.total_tokens,
+            train_flops_per_token=self.fpt,
+            tokens_per_second=st.tokens / st.train_s if st.train_s > 0 else None,
+            flops_per_second=st.tokens * self.fpt / st.train_s if st.train_s > 0 else None,
+            steps=st.step,
+            wall_s=round(self.wall(), 3),
+            train_s=round(st.train_s, 3),
+            device=str(self.device),
+            environment=environment(self.device),
+            processes=self.d.world,
+            seq_len=self.seq_len,
+            params=sum(p.numel() for p in dict.fromkeys(self.model.parameters())),
+            corpus=self.corpus.name,
+            segments=st.segments,
+            load=load,
+            config=cfg.to_dict(),
             **(self.extra_summary or {}),
-        }
+        )
         if self.out_dir is not None and self.d.main:
-            _write_json(self.out_dir / SUMMARY_FILE, s)
+            _write_json(self.out_dir / SUMMARY_FILE, s.to_dict())
         return s
 
 
@@ -972,7 +972,7 @@ def train(
     progress: bool = True,
     extra_summary: dict | None = None,
     tracking: Tracking | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train `model` on `corpus` within `cfg`'s budget; return the summary (also written to out_dir).
 
     Under torchrun every process calls it alike (see the module docstring); rank 0 writes the run dir.
@@ -988,7 +988,7 @@ def train(
         on_eval: called as on_eval(fraction, metrics) at each evaluation point; whatever it raises
             propagates after summary.json records the stop.
         progress: show a live progress bar on stderr.
-        extra_summary: merged into the summary.
+        extra_summary: `RunSummary`'s optional fields to set (spec_name, world, spec, run_dir).
         tracking: also send the curves to TensorBoard, W&B or MLflow (rank 0 only); see `Tracking`.
 
     Raises:

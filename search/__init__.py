@@ -5,9 +5,10 @@ Public API:
     search_schema() -> dict (JSON Schema of search specs)
     trial_to_spec(search, params) -> ModelSpec      the one way a trial becomes a spec (pure)
     constraint_values(search, spec) -> list[float]  Optuna's convention, <= 0 feasible
-    run_search(search, RunConfig(run_dir, ...), evaluate=None) -> summary dict
-        evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary; default real training
-    report(run_dir, storage, study) -> (SearchSpec, trial records)
+    run_search(search, RunConfig(run_dir, ...), evaluate=None) -> SearchResult (counts, best TrialRecord)
+        evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's RunSummary; default real training
+    report(run_dir, storage, study) -> (SearchSpec, list[TrialRecord])
+    TrialRecord, load_trial_records(path)          one trial as trials.json holds it; reading trials.json
     leaderboard(records), noise_marks(records)       trials best first; best / tied / beyond the seed noise
     seed_stats(values), tied(best, other), TIE_RULE  the one seed-noise rule every leaderboard uses
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
     from ._errors import SearchStop, TrialFailed
     from ._evaluate import Evaluate, real_evaluator
-    from ._records import trial_record, trial_records
+    from ._records import RECORD_KEYS, TrialRecord, load_trial_records, trial_record, trial_records
     from ._results import leaderboard, noise_marks, write_results
     from ._samplers import make_sampler
     from ._scaling.check import Check, check_law
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from ._scaling.runs import Runs, load_runs, n_words, runs_from_records
     from ._storage import open_storage
     from ._study import open_study
+    from ._summary import SearchResult
     from ._trials import counted
     from ._worker import WorkerOptions, run_worker
 
@@ -57,7 +59,10 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(("RunConfig", "auto_workers", "report", "run_one_worker", "run_search"), "_driver"),
     **dict.fromkeys(("leaderboard", "noise_marks", "write_results"), "_results"),
-    **dict.fromkeys(("trial_record", "trial_records"), "_records"),
+    **dict.fromkeys(
+        ("RECORD_KEYS", "TrialRecord", "load_trial_records", "trial_record", "trial_records"), "_records"
+    ),
+    "SearchResult": "_summary",
     # numpy and scipy only: `moeforge scaling` on a CSV imports no Optuna
     **dict.fromkeys(("FitFailed", "ScalingInputError"), "_scaling.errors"),
     **dict.fromkeys(("Fit", "fit_from_data", "fit_law", "load_fit"), "_scaling.fit"),
@@ -102,8 +107,11 @@ __all__ = [
     "TIE_RULE",
     "ScalingInputError",
     "Infeasible",
+    "RECORD_KEYS",
     "RunConfig",
+    "SearchResult",
     "SearchSpec",
+    "TrialRecord",
     "SearchStop",
     "TrialFailed",
     "WorkerOptions",
@@ -121,6 +129,7 @@ __all__ = [
     "load_fit",
     "load_runs",
     "load_search",
+    "load_trial_records",
     "make_sampler",
     "n_words",
     "noise_marks",

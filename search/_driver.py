@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import optuna
 from moeforge.runtime import python_module_cmd
@@ -21,12 +20,13 @@ from ._data import load_search_corpus
 from ._errors import SearchStop
 from ._evaluate import Evaluate, real_evaluator
 from ._progress import SearchProgress
-from ._records import trial_records
+from ._records import TrialRecord, trial_records
 from ._results import write_results
 from ._space import check_budgets
 from ._spec import SearchSpec
 from ._storage import default_storage, is_rdb, open_storage, redact
 from ._study import load_study, open_study, run_dir_storage, stored_search
+from ._summary import SearchResult
 from ._tracking import SearchTracking
 from ._trials import best_trial, counted
 from ._worker import WorkerOptions, run_worker
@@ -81,7 +81,7 @@ def run_search(
     cfg: RunConfig,
     evaluate: Evaluate | None = None,
     log: Callable[[str], None] = _log,
-) -> dict[str, Any]:
+) -> SearchResult:
     """Run (or resume) a search to its trial cap and write its results into the run dir.
 
     Args:
@@ -92,7 +92,7 @@ def run_search(
             process (one worker), so tests and notebooks can pass their own.
 
     Returns:
-        The summary of `write_results` plus the storage, study name and worker count.
+        The `SearchResult` of `write_results` plus the storage, study name, run dir and worker count.
 
     Raises:
         SearchStop: the storage, the study or the data cannot be used (one line for the user).
@@ -145,8 +145,8 @@ def run_search(
     except BaseException:
         write_results(study, search, run_dir, plots=cfg.plots)  # what finished is never lost
         raise
-    summary = write_results(study, search, run_dir, plots=cfg.plots)
-    summary.update(
+    summary = replace(
+        write_results(study, search, run_dir, plots=cfg.plots),
         storage=redact(url),
         study=name,
         run_dir=str(run_dir),
@@ -250,7 +250,7 @@ def _run_processes(
 
 def report(
     run_dir: Path | None, storage: str | None, study_name: str | None, plots: bool = True
-) -> tuple[SearchSpec, list[dict]]:
+) -> tuple[SearchSpec, list[TrialRecord]]:
     """Load a search's study (from a run dir's run.json, or a storage URL) and rewrite its results."""
     if storage is None:
         if run_dir is None:

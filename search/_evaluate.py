@@ -34,10 +34,10 @@ from ._training import job, rule_for, train_spec
 from ._trials import trial_dir
 
 if TYPE_CHECKING:
-    from moeforge.runtime import Corpus
+    from moeforge.runtime import Corpus, RunSummary
 
 #: Evaluate one spec at one seed: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary.
-Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]], dict]
+Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]], "RunSummary"]
 
 
 def real_evaluator(
@@ -61,11 +61,11 @@ def real_evaluator(
 
     def evaluate(
         spec: ModelSpec, seed: int, budget: float, out_dir: Path, on_eval: Callable[[float, dict], None]
-    ) -> dict:
+    ) -> RunSummary:
         done = _finished_summary(out_dir, budget)
         if done is not None:
             for k in range(1, search.train.eval_points + 1):
-                on_eval(k / search.train.eval_points, {"val_loss": done["final_val_loss"]})
+                on_eval(k / search.train.eval_points, {"val_loss": done.final_val_loss})
             return done
         resume = find_checkpoint(out_dir / "checkpoint") is not None
         if not resume:  # a run that stopped before its first checkpoint starts over
@@ -106,7 +106,7 @@ def _group_evaluate(
     out_dir: Path,
     resume: bool,
     on_eval: Callable[[float, dict], None],
-) -> dict:
+) -> RunSummary:
     """Train one seed as a torchrun group of `train.devices_per_trial` processes (`_group.py`); the
     evaluations are reported when the group has finished (so a pruner has nothing to act on: refused at
     load)."""
@@ -134,7 +134,9 @@ def _group_evaluate(
             rec = json.loads(line)
             if rec.get("kind") == "eval" and rec.get("fraction", 0) > 0 and rec.get("val_loss") is not None:
                 on_eval(float(rec["fraction"]), rec)
-    return json.loads((out_dir / "summary.json").read_text())
+    from moeforge.runtime import RunSummary
+
+    return RunSummary.read(out_dir)
 
 
 # torchrun's own log lines (glog style: I1207 11:02:32.548 ...) and the decoration of its failure report
@@ -162,13 +164,15 @@ def group_failure(stderr: str, returncode: int) -> str:
     return rest[-1] if rest else f"exit status {returncode}"
 
 
-def _finished_summary(out_dir: Path, budget: float) -> dict | None:
+def _finished_summary(out_dir: Path, budget: float) -> RunSummary | None:
+    from moeforge.runtime import RunSummary
+
     path = out_dir / "summary.json"
     if not path.is_file():
         return None
     with contextlib.suppress(ValueError, OSError):
-        s = json.loads(path.read_text())
-        if s.get("status") == "completed" and s.get("budget_flops") == budget:
+        s = RunSummary.read(path)
+        if s.status == "completed" and s.budget_flops == budget:
             return s
     return None
 
@@ -193,7 +197,7 @@ def train_trial(
     prune = search.pruner.kind != "none"
     eval_points = search.train.eval_points
     values: list[float] = []
-    summaries: list[dict] = []
+    summaries: list[RunSummary] = []
     folder = trial_dir(run_dir, trial.user_attrs["spec_key"])
     trial.set_user_attr("trial_dir", str(folder.relative_to(run_dir)))
     trial_started(trial.number, trial.params)  # names the trackers' runs (search --log)
@@ -226,7 +230,7 @@ def train_trial(
             trial.set_user_attr("traceback", str(tb.relative_to(run_dir)))
             log(f"{prefix} trial {trial.number} ({label}): FAILED, {reason} (traceback: {tb})")
             return TrialState.FAIL, None
-        value = summary.get("final_val_loss") if metric == "val_loss" else summary.get("val_bits_per_byte")
+        value = summary.final_val_loss if metric == "val_loss" else summary.val_bits_per_byte
         if value is None or not math.isfinite(value):
             trial.set_user_attr("fail_reason", f"no finite {metric} in the trainer's summary")
             trial.set_user_attr("fail_kind", "NoMetric")
@@ -234,21 +238,17 @@ def train_trial(
         values.append(float(value))
         summaries.append(summary)
     s0 = summaries[0]
-    for k in (
-        "train_flops",
-        "budget_flops",
-        "tokens",
-        "initial_val_loss",
-        "final_val_loss",
-        "val_bits_per_byte",
-        "tokens_per_second",
-        "environment",  # what makes the numbers comparable across machines (runtime/_environment.py)
-    ):
-        if k in s0:
-            trial.set_user_attr(k, s0[k])
-    load = s0.get("load")
-    if load is not None:
-        trial.set_user_attr("load", json.loads(json.dumps(load, default=float)))
+    trial.set_user_attr("train_flops", s0.train_flops)
+    trial.set_user_attr("budget_flops", s0.budget_flops)
+    trial.set_user_attr("tokens", s0.tokens)
+    trial.set_user_attr("initial_val_loss", s0.initial_val_loss)
+    trial.set_user_attr("final_val_loss", s0.final_val_loss)
+    trial.set_user_attr("val_bits_per_byte", s0.val_bits_per_byte)
+    trial.set_user_attr("tokens_per_second", s0.tokens_per_second)
+    # what makes the numbers comparable across machines (runtime/_environment.py)
+    trial.set_user_attr("environment", s0.environment)
+    if s0.load:  # the trainer's always has "layers"; a stand-in evaluator's may be empty
+        trial.set_user_attr("load", json.loads(json.dumps(s0.load, default=float)))
     cfg = train_config(
         search, budget_flops=budget, seed=search.seeds[0], device="cpu", rule=rule_for(search, spec, budget)
     )
@@ -257,7 +257,7 @@ def train_trial(
     trial.set_user_attr("seed_values", values)
     if len(values) > 1:
         trial.set_user_attr("value_std", statistics.stdev(values))
-        trial.set_user_attr("train_flops_all", [s.get("train_flops") for s in summaries])
+        trial.set_user_attr("train_flops_all", [s.train_flops for s in summaries])
     mean = statistics.fmean(values)
     trial.set_user_attr("value_mean", mean)
     out = [mean]

@@ -12,19 +12,20 @@ import optuna
 from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import TrialState
 
-from ._records import RECORD_KEYS, trial_record, trial_records
+from ._records import RECORD_KEYS, TrialRecord, trial_record, trial_records
 from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
+from ._summary import SearchResult
 from ._trials import best_trial, counted
 
 
-def write_results(
-    study: optuna.Study, search: SearchSpec, run_dir: Path, plots: bool = True
-) -> dict[str, Any]:
+def write_results(study: optuna.Study, search: SearchSpec, run_dir: Path, plots: bool = True) -> SearchResult:
     """Write trials.json, trials.csv, best.yaml and the plots; returns a short summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
     records = trial_records(study)
-    (run_dir / "trials.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
+    (run_dir / "trials.json").write_text(
+        json.dumps([r.to_dict() for r in records], indent=2, default=str) + "\n"
+    )
     _write_csv(run_dir / "trials.csv", records)
     best = best_trial(study)
     if best is not None and "spec" in best.user_attrs:
@@ -34,26 +35,23 @@ def write_results(
         header += comparable_on(trial_record(best))
         (run_dir / "best.yaml").write_text(spec_to_yaml(spec, header=header))
     made = write_plots(study, search, run_dir, records) if plots else []
-    return {
-        "trials": len(records),
-        "counted": len(counted(study.get_trials(deepcopy=False))),
-        "complete": sum(r["state"] == "COMPLETE" and r["reused_from"] is None for r in records),
-        "failed": sum(
-            r["state"] == "FAIL"
-            and r["fail_reason"] is not None
-            and not r["retried"]
-            and r["reused_from"] is None
+    return SearchResult(
+        trials=len(records),
+        counted=len(counted(study.get_trials(deepcopy=False))),
+        complete=sum(r.state == "COMPLETE" and r.reused_from is None for r in records),
+        failed=sum(
+            r.state == "FAIL" and r.fail_reason is not None and not r.retried and r.reused_from is None
             for r in records
         ),
-        "best": trial_record(best) if best else None,
-        "plots": made,
-    }
+        best=trial_record(best) if best else None,
+        plots=made,
+    )
 
 
-def comparable_on(rec: dict[str, Any]) -> str:
+def comparable_on(rec: TrialRecord) -> str:
     """best.yaml's line on what its numbers are comparable with: the environment the trial trained in and
     its data (runtime/_environment.py says why the last digits differ across machines)."""
-    env, data = rec.get("environment"), rec.get("data_fingerprint")
+    env, data = rec.environment, rec.data_fingerprint
     if not env and not data:
         return ""
     parts = (
@@ -71,21 +69,23 @@ def comparable_on(rec: dict[str, Any]) -> str:
     )
 
 
-def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
-    param_names = sorted({k for r in records for k in r["params"]})
+def _write_csv(path: Path, records: list[TrialRecord]) -> None:
+    param_names = sorted({k for r in records for k in r.params})
     cols = [k for k in RECORD_KEYS if k not in ("params", "values", "load", "constraints", "environment")]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols[:4] + [f"param:{p}" for p in param_names] + cols[4:] + ["load"])
         for r in records:
-            row = [r[c] for c in cols]
-            params = [r["params"].get(p) for p in param_names]
-            load = json.dumps(r["load"]) if r["load"] is not None else None
+            row = [getattr(r, c) for c in cols]
+            params = [r.params.get(p) for p in param_names]
+            load = json.dumps(r.load) if r.load is not None else None
             w.writerow(row[:4] + params + row[4:] + [load])
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records: list[dict]) -> list[str]:
+def write_plots(
+    study: optuna.Study, search: SearchSpec, run_dir: Path, records: list[TrialRecord]
+) -> list[str]:
     """PNG (matplotlib) and HTML (plotly) plots; each one that cannot be drawn yet is skipped."""
     import matplotlib
 
@@ -141,20 +141,20 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
         )
     if search.budget.ladder:
         made += _scaling_plots(search, records, out_dir)
-    done = [r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None]
+    done = [r for r in records if r.state == "COMPLETE" and r.reused_from is None]
     axes = {
         "m": ("segmentation m", "shared_experts", "K_s"),
         "shared_experts": ("shared experts K_s", "m", "m"),
     }
     for key, (label, other, other_label) in axes.items():
-        xs = [r[key] for r in done if r[key] is not None]
+        xs = [getattr(r, key) for r in done if getattr(r, key) is not None]
         if len(set(xs)) >= 2:
             name = f"loss_vs_{'m' if key == 'm' else 'K_s'}"
             # One line per value of the other axis; error bars are the spread over seeds.
             pts = [
-                (r[key], r["value"], r["value_std"] or 0.0, f"{other_label}={r[other]}", r["number"])
+                (getattr(r, key), r.value, r.value_std or 0.0, f"{other_label}={getattr(r, other)}", r.number)
                 for r in done
-                if r[key] is not None
+                if getattr(r, key) is not None
             ]
             save(
                 name,
@@ -164,7 +164,7 @@ def write_plots(study: optuna.Study, search: SearchSpec, run_dir: Path, records:
     return made
 
 
-def _scaling_plots(search: SearchSpec, records: list[dict], out_dir: Path) -> list[str]:
+def _scaling_plots(search: SearchSpec, records: list[TrialRecord], out_dir: Path) -> list[str]:
     """A ladder's IsoFLOP profiles, loss against G and residuals under the default law's fit (no
     bootstrap: `moeforge scaling fit` gives the intervals); nothing while the runs are too few to fit."""
     # Imported here, not above: scipy only when a ladder is plotted.
@@ -236,55 +236,59 @@ def _scatter_html(pts: list[tuple], xlabel: str, ylabel: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- leaderboard
-def leaderboard(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def leaderboard(records: list[TrialRecord]) -> list[TrialRecord]:
     """Complete trials that trained, best first; then pruned, failed and infeasible ones."""
     order = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
 
-    def key(r: dict) -> tuple:
-        kind = 5 if r["infeasible"] else (6 if r["reused_from"] is not None else order.get(r["state"], 7))
-        budget = -(r["params"].get("budget") or 0.0)  # a ladder: the largest budget first
-        return (kind, budget, r["value"] if r["value"] is not None else float("inf"), r["number"])
+    def key(r: TrialRecord) -> tuple:
+        kind = 5 if r.infeasible else (6 if r.reused_from is not None else order.get(r.state, 7))
+        budget = -(r.params.get("budget") or 0.0)  # a ladder: the largest budget first
+        return (kind, budget, r.value if r.value is not None else float("inf"), r.number)
 
     return sorted(records, key=key)
 
 
-def _trained(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _trained(records: list[TrialRecord]) -> list[TrialRecord]:
     """Complete trials that trained themselves (not reused results) and have a value."""
-    return [
-        r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None and r["value"] is not None
-    ]
+    return [r for r in records if r.state == "COMPLETE" and r.reused_from is None and r.value is not None]
+
+
+def _value(r: TrialRecord) -> float:
+    """A trained trial's value (`_trained` keeps only those with one)."""
+    assert r.value is not None
+    return r.value
 
 
 _VERDICT = {True: "tied", False: "", None: "1 seed"}
 """`tied`'s answer as the leaderboards write it."""
 
 
-def _seed_values(r: dict[str, Any]) -> list[float]:
-    return list(r["seed_values"] or ([r["value"]] if r["value"] is not None else []))
+def _seed_values(r: TrialRecord) -> list[float]:
+    return list(r.seed_values or ([r.value] if r.value is not None else []))
 
 
-def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> str:
+def evidence(search: SearchSpec, records: list[TrialRecord], number: int) -> str:
     """Why trial `number` is the best, for best.yaml's header: its value over seeds, the runner-up among
     trials of the same budget, the gap, and whether the gap is within the seed noise (`TIE_RULE`)."""
-    by_number = {r["number"]: r for r in records}
+    by_number = {r.number: r for r in records}
     best = by_number[number]
     metric = search.objective.metric
     mine = _seed_values(best)
     mean, std = seed_stats(mine)
     spread = (
-        f" +- {std:.4f} over {len(mine)} seeds {best['seeds']}"
+        f" +- {std:.4f} over {len(mine)} seeds {best.seeds}"
         if std is not None
         else " (1 seed: no noise estimate)"
     )
-    budget = best["budget_flops"]
+    budget = best.budget_flops
     lines = [
         f"trial {number}, {metric} = {mean:.4f}{spread}",
-        f"params: {json.dumps(best['params'])}; trained on {budget:.3g} FLOPs per seed",
+        f"params: {json.dumps(best.params)}; trained on {budget:.3g} FLOPs per seed",
     ]
-    rivals = [r for r in _trained(records) if r["number"] != number and r["budget_flops"] == budget]
+    rivals = [r for r in _trained(records) if r.number != number and r.budget_flops == budget]
     if rivals:
-        second = min(rivals, key=lambda r: r["value"])
-        gap = second["value"] - mean
+        second = min(rivals, key=_value)
+        gap = _value(second) - mean
         tie = tied(mine, _seed_values(second))
         verdict = {
             True: "within the seed noise: tied",
@@ -292,7 +296,7 @@ def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> 
             None: "no noise estimate",
         }[tie]
         lines.append(
-            f"runner-up: trial {second['number']} ({json.dumps(second['params'])}) at {second['value']:.4f}, "
+            f"runner-up: trial {second.number} ({json.dumps(second.params)}) at {second.value:.4f}, "
             f"gap {gap:.4f} ({verdict})"
         )
     else:
@@ -300,15 +304,15 @@ def evidence(search: SearchSpec, records: list[dict[str, Any]], number: int) -> 
     return "\n".join(lines)
 
 
-def noise_marks(records: list[dict[str, Any]]) -> dict[int, str]:
+def noise_marks(records: list[TrialRecord]) -> dict[int, str]:
     """For each complete trial that trained: "best" (of its budget), "tied" (within the seed noise of the
     best, `TIE_RULE`), "" (beyond it), or "1 seed" (no noise estimate)."""
     done = _trained(records)
     out: dict[int, str] = {}
-    for budget in {r["budget_flops"] for r in done}:
-        group = [r for r in done if r["budget_flops"] == budget]
-        best = min(group, key=lambda r: r["value"])
+    for budget in {r.budget_flops for r in done}:
+        group = [r for r in done if r.budget_flops == budget]
+        best = min(group, key=_value)
         for r in group:
             tie = tied(_seed_values(best), _seed_values(r))
-            out[r["number"]] = "best" if r is best else _VERDICT[tie]
+            out[r.number] = "best" if r is best else _VERDICT[tie]
     return out

@@ -11,14 +11,14 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import optuna
 from moeforge.compiler import ModelSpec
 
 from ._data import data_record
 from ._errors import SearchStop
-from ._records import trial_records
+from ._records import TrialRecord, trial_records
 from ._samplers import make_pruner, make_sampler
 from ._spec import SearchSpec
 from ._storage import is_rdb, open_storage, redact, stable
@@ -161,7 +161,7 @@ def load_study(storage: str, study_name: str | None) -> optuna.Study:
         raise FileNotFoundError(f"no study {study_name!r} in {redact(storage)}") from None
 
 
-def read_study(run_dir: Path) -> tuple[SearchSpec, list[dict[str, Any]]]:
+def read_study(run_dir: Path) -> tuple[SearchSpec, list[TrialRecord]]:
     """A run dir's search spec and trial records, read from its study; nothing in the run dir is written."""
     storage, name = run_dir_storage(run_dir)
     study = load_study(storage, name)

@@ -13,7 +13,7 @@ from moeforge.compiler import ModelSpec, account
 from ._spec import SearchSpec, hparams
 
 if TYPE_CHECKING:
-    from moeforge.runtime import Corpus, Tracking, TrainConfig
+    from moeforge.runtime import Corpus, RunSummary, Tracking, TrainConfig
     from torch import nn
 
 
@@ -34,7 +34,7 @@ def train_spec(
     on_eval: Callable[[float, dict], None] | None = None,
     extra_summary: dict[str, Any] | None = None,
     tracking: Tracking | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train a built `model` of `spec` with `moeforge.runtime.train`; returns the trainer's summary.
     `tracking` sends its curves to TensorBoard / W&B / MLflow as well."""
     from moeforge.runtime import train  # imports torch: only where a model trains

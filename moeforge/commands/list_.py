@@ -132,7 +132,8 @@ def render(out: dict[str, list[dict[str, Any]]]) -> None:
         ]
         lines += table(rows) if rows else ["  (none)"]
     if "searches" in out:
-        lines.append("" if lines else None)
+        if lines:
+            lines.append("")
         lines.append("searches (`moeforge search NAME` runs one):")
         rows = [
             [s["name"], "invalid", f"{s['problem']}"]

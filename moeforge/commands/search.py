@@ -6,11 +6,14 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _types as T
 from ._common import add_overrides, console, print_json
 from ._tracking import add_log_flag, check_log_flag
+
+if TYPE_CHECKING:
+    from moeforge.search import SearchResult, TrialRecord
 
 EPILOG = """\
 examples:
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return EXIT_INTERRUPTED
         if args.json:
-            print_json(summary)
+            print_json(summary.to_dict())
         else:
             from moeforge.search import report
 
@@ -166,18 +169,18 @@ def _positive_int(text: str) -> int:
         return 0
 
 
-def _exit_status(summary: dict) -> int:
+def _exit_status(summary: SearchResult) -> int:
     """0 when the search ran (failed trials are results too), 1 when no trial completed."""
     from moeforge.cli import EXIT_FAIL
 
-    failed, complete = summary["failed"], summary["complete"]
+    failed, complete = summary.failed, summary.complete
     if failed:
         print(
             f"{failed} trial(s) failed: see fail_reason in trials.json and the tracebacks in the trial folders",
             file=sys.stderr,
         )
-    if summary.get("worker_errors"):
-        print(f"worker exit statuses {summary['worker_errors']}", file=sys.stderr)
+    if summary.worker_errors:
+        print(f"worker exit statuses {summary.worker_errors}", file=sys.stderr)
     if not complete:
         print("no trial completed", file=sys.stderr)
         return EXIT_FAIL
@@ -206,7 +209,7 @@ def _report(args: argparse.Namespace) -> int:
         run_dir, args.storage, args.study, plots=not args.no_plots and run_dir is not None
     )
     if args.json:
-        print_json({"trials": records})
+        print_json({"trials": [r.to_dict() for r in records]})
     else:
         render(records, search, wide=args.wide)
     return 0
@@ -231,7 +234,7 @@ def _check_run_info(run_dir: Path) -> None:
         )
 
 
-def render(records: list[dict], search: Any, wide: bool = False, con: Any = None) -> None:
+def render(records: list[TrialRecord], search: Any, wide: bool = False, con: Any = None) -> None:
     """Print the leaderboard, best first, within the console's width (80 when not a terminal).
 
     To fit, dotted parameter names shrink to their last components (a legend follows), then the columns
@@ -248,7 +251,7 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
     from moeforge.search import TIE_RULE, leaderboard, noise_marks
 
     con = con or console()
-    names = list(dict.fromkeys(k for r in records for k in r["params"]))
+    names = list(dict.fromkeys(k for r in records for k in r.params))
     params = {f"param:{n}": n for n in names}  # column id -> name; no spec key can clash with "params"
     stats = ["experts", "params", "activated", "tokens"]
     several = len(search.seeds) > 1
@@ -261,29 +264,29 @@ def render(records: list[dict], search: Any, wide: bool = False, con: Any = None
     rows: list[dict[str, str]] = []
     notes = []  # free text goes under the table, so the numbers keep their width
     for r in leaderboard(records):
-        if r["state"] == "WAITING":
+        if r.state == "WAITING":
             continue
-        note = r["infeasible"] or r["fail_reason"] or r["died"] or ""
-        if r["reused_from"] is not None:
-            note = f"same spec as #{r['reused_from']}"
+        note = r.infeasible or r.fail_reason or r.died or ""
+        if r.reused_from is not None:
+            note = f"same spec as #{r.reused_from}"
         if note:
-            notes.append(f"#{r['number']}: {note}")
-        state = "infeasible" if r["infeasible"] else _STATES.get(r["state"], r["state"].lower())
+            notes.append(f"#{r.number}: {note}")
+        state = "infeasible" if r.infeasible else _STATES.get(r.state, r.state.lower())
         experts = "-"
-        if r["routed_experts"] is not None:
-            experts = f"{r['shared_experts']}+{r['top_k']}/{r['routed_experts']}"
+        if r.routed_experts is not None:
+            experts = f"{r.shared_experts}+{r.top_k}/{r.routed_experts}"
         rows.append(
             {
-                "#": str(r["number"]) + ("*" if note else ""),
+                "#": str(r.number) + ("*" if note else ""),
                 "state": state,
-                "value": f"{r['value']:.4f}" if r["value"] is not None else "-",
-                "± seeds": f"{r['value_std']:.4f}" if r["value_std"] is not None else "-",
-                "vs best": marks.get(r["number"], ""),
-                **{p: _cell(r["params"].get(n, "")) for p, n in params.items()},
+                "value": f"{r.value:.4f}" if r.value is not None else "-",
+                "± seeds": f"{r.value_std:.4f}" if r.value_std is not None else "-",
+                "vs best": marks.get(r.number, ""),
+                **{p: _cell(r.params.get(n, "")) for p, n in params.items()},
                 "experts": experts,
-                "params": count(r["params_total"]) if r["params_total"] else "-",
-                "activated": count(r["params_activated"]) if r["params_activated"] else "-",
-                "tokens": count(r["tokens"]) if r["tokens"] else "-",
+                "params": count(r.params_total) if r.params_total else "-",
+                "activated": count(r.params_activated) if r.params_activated else "-",
+                "tokens": count(r.tokens) if r.tokens else "-",
             }
         )
 

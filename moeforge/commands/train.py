@@ -8,11 +8,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _types as T
 from ._common import SPEC_HELP, add_overrides, console, print_json
 from ._tracking import add_log_flag, check_log_flag, run_tracking
+
+if TYPE_CHECKING:
+    from moeforge.runtime import RunSummary
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SPEC_FILE = "spec.yaml"
@@ -366,7 +369,7 @@ def _run(args: argparse.Namespace) -> int:
     if not d.main:
         return 0
     if args.json:
-        print_json(summary)
+        print_json(summary.to_dict())
     else:
         render(summary)
     return 0
@@ -413,7 +416,7 @@ def set_cpu_threads(threads: int | None, model) -> None:
         torch.set_num_threads(max(threads, 1))
 
 
-def render(s: dict[str, Any]) -> None:
+def render(s: RunSummary) -> None:
     from rich.table import Table
 
     from moeforge._format import count
@@ -422,7 +425,7 @@ def render(s: dict[str, Any]) -> None:
         return "-" if v is None else fmt.format(v)
 
     t = Table(
-        title=f"[bold]{s.get('spec', '')}[/] -> {s.get('run_dir', '')}",
+        title=f"[bold]{s.spec or ''}[/] -> {s.run_dir or ''}",
         title_justify="left",
         show_header=False,
     )
@@ -431,27 +434,25 @@ def render(s: dict[str, Any]) -> None:
     t.add_column(style="dim")
     t.add_row(
         "val loss",
-        f"{f(s['initial_val_loss'])} -> {f(s['final_val_loss'])}",
+        f"{f(s.initial_val_loss)} -> {f(s.final_val_loss)}",
         "nats per token, before -> after",
     )
-    t.add_row("bits per byte", f(s["val_bits_per_byte"]), s["corpus"])
-    budget = f"budget {count(s['budget_flops'])}" if s["budget_flops"] else "no FLOP budget"
-    t.add_row(
-        "training FLOPs", count(s["train_flops"]), f"{budget}, {count(s['train_flops_per_token'])} per token"
-    )
+    t.add_row("bits per byte", f(s.val_bits_per_byte), s.corpus)
+    budget = f"budget {count(s.budget_flops)}" if s.budget_flops else "no FLOP budget"
+    t.add_row("training FLOPs", count(s.train_flops), f"{budget}, {count(s.train_flops_per_token)} per token")
     t.add_row(
         "tokens",
-        f"{s['tokens']:,}",
-        f"{s['steps']:,} steps of up to {s['config']['batch_size']} x {s['seq_len']}",
+        f"{s.tokens:,}",
+        f"{s.steps:,} steps of up to {s.config['batch_size']} x {s.seq_len}",
     )
-    tps = s["tokens_per_second"]
+    tps = s.tokens_per_second
     t.add_row(
         "throughput",
         f"{count(tps)} tok/s" if tps else "-",
-        f"{count(s['flops_per_second'])}FLOP/s achieved" if tps else "",
+        f"{count(s.flops_per_second or 0)}FLOP/s achieved" if tps else "",
     )
-    t.add_row("wall time", f"{s['wall_s']:.1f} s", f"{s['train_s']:.1f} s training, on {s['device']}")
-    load = s.get("load", {})
+    t.add_row("wall time", f"{s.wall_s:.1f} s", f"{s.train_s:.1f} s training, on {s.device}")
+    load = s.load
     if load.get("layers"):
         t.add_row(
             "expert load",

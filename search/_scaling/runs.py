@@ -9,10 +9,11 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from .._records import TrialRecord, records_from_json
 from .errors import ScalingInputError
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def _finite_positive(x: Any) -> bool:
 
 
 def runs_from_records(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[TrialRecord],
     n_kind: str = "activated_non_embedding",
     source: str = "trials.json",
     search: SearchSpec | None = None,
@@ -123,58 +124,59 @@ def runs_from_records(
     dropped: list[str] = []
     index: dict[tuple, int] = {}
     for r in records:
-        if r.get("state") != "COMPLETE" or r.get("reused_from") is not None or r.get("infeasible"):
+        if r.state != "COMPLETE" or r.reused_from is not None or r.infeasible:
             continue
-        num = r.get("number")
+        num = r.number
         for col in (n_key, "tokens"):
-            if not _finite_positive(r.get(col)):
+            if not _finite_positive(getattr(r, col)):
                 raise ScalingInputError(
-                    f"{source}: trial {num}: {col} is {r.get(col)!r}, not a positive number"
+                    f"{source}: trial {num}: {col} is {getattr(r, col)!r}, not a positive number"
                     + (
                         " (trials.json from an older moeforge? try --n activated or --n total)"
                         if col == n_key
                         else ""
                     )
                 )
-        budget_v = r.get("budget_flops") or r.get("train_flops")
-        flops_v = r.get("train_flops") or budget_v
+        budget_v = r.budget_flops or r.train_flops
+        flops_v = r.train_flops or budget_v
         if not _finite_positive(budget_v) or not _finite_positive(flops_v):
             raise ScalingInputError(f"{source}: trial {num}: no positive budget_flops or train_flops")
         assert budget_v is not None and flops_v is not None
         budget, flops = float(budget_v), float(flops_v)
-        values = r.get("seed_values")
-        seeds = r.get("seeds")
+        values: list[Any] | None = r.seed_values
+        seeds = r.seeds
         if values is None:
-            values, seeds = [r.get("value")], [0]
+            values, seeds = [r.value], [0]
         elif seeds is None or len(seeds) != len(values):
             seeds = list(range(len(values)))
-        key: tuple[Any, ...] = (r.get("spec_key") or f"trial-{num}", float(budget))
+        key: tuple[Any, ...] = (r.spec_key or f"trial-{num}", float(budget))
         if key not in index:
             index[key] = len(configs)
             configs.append(
                 {
                     "label": f"#{num}",
                     "number": num,
-                    "params": dict(r.get("params") or {}),
-                    "spec_key": r.get("spec_key"),
-                    "m": r.get("m"),
-                    "K_s": r.get("shared_experts"),
+                    "params": dict(r.params),
+                    "spec_key": r.spec_key,
+                    "m": r.m,
+                    "K_s": r.shared_experts,
                     "experts": (
-                        f"{r.get('shared_experts')}+{r.get('top_k')}/{r.get('routed_experts')}"
-                        if r.get("routed_experts") is not None
+                        f"{r.shared_experts}+{r.top_k}/{r.routed_experts}"
+                        if r.routed_experts is not None
                         else "-"
                     ),
-                    "size": r.get("size", (r.get("params") or {}).get("size")),
+                    # an older trials.json without the key: the sampled size
+                    "size": r.size if r.size is not None else r.params.get("size"),
                 }
             )
-        m = r.get("m")
+        m = r.m
         g = float(m) if m is not None and _finite_positive(m) else math.nan
         for seed, v in zip(seeds, values, strict=True):
             if not _finite_positive(v):
                 dropped.append(f"trial {num} seed {seed} (loss {v!r})")
                 continue
-            cols["n"].append(float(r[n_key]))
-            cols["d"].append(float(r["tokens"]))
+            cols["n"].append(float(getattr(r, n_key)))
+            cols["d"].append(float(cast(int, r.tokens)))
             cols["g"].append(g)
             cols["loss"].append(float(v))
             cols["budget"].append(float(budget))
@@ -335,7 +337,7 @@ def load_runs(source: str | Path, n_kind: str = "activated_non_embedding") -> Ru
     return runs_from_records(_read_json_records(path), n_kind, str(path))
 
 
-def _read_study(run_dir: Path) -> tuple[SearchSpec, list[dict[str, Any]]]:
+def _read_study(run_dir: Path) -> tuple[SearchSpec, list[TrialRecord]]:
     """A run dir's search spec and trial records, read from its study without rewriting the run dir's
     results (a fit reads a search; it never changes it)."""
     # Imported here, not above: reading a CSV or a trials.json imports no Optuna.
@@ -344,18 +346,17 @@ def _read_study(run_dir: Path) -> tuple[SearchSpec, list[dict[str, Any]]]:
     return read_study(run_dir)
 
 
-def _read_json_records(path: Path) -> list[dict[str, Any]]:
+def _read_json_records(path: Path) -> list[TrialRecord]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ScalingInputError(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise ScalingInputError(f"{path}:{e.lineno}: not JSON: {e.msg}") from None
-    if isinstance(data, dict) and isinstance(data.get("trials"), list):
-        data = data["trials"]  # `moeforge search report --json`
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ScalingInputError(f"{path}: expected a list of trial records (trials.json)")
-    return data
+    try:
+        return records_from_json(data, str(path))
+    except ValueError as e:
+        raise ScalingInputError(str(e)) from None
 
 
 def best_params(runs: Runs) -> dict[str, Any] | None:

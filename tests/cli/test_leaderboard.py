@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
 
 import moeforge.search
 import pytest
-from moeforge.search import load_search
-from moeforge.search._results import RECORD_KEYS
+from moeforge.search import RECORD_KEYS, SearchResult, TrialRecord, load_search
 from rich.console import Console
 
 from moeforge.cli import main
@@ -24,11 +24,11 @@ SPACE = {  # six dotted keys, as a search over any model spec key names them
     "moe.paper.m": 4,
 }
 STATS = ["experts", "params", "activated", "tokens"]
-SUMMARY = {"trials": 6, "counted": 4, "complete": 3, "failed": 1, "best": None, "plots": []}
+SUMMARY = SearchResult(trials=6, counted=4, complete=3, failed=1, best=None, plots=[])
 BEST = ["0.01235", "8", "2", "256", "1e+04", "4"]  # SPACE's values as the leaderboard writes them
 
 
-def record(number: int, value: float | None, state: str = "COMPLETE", **kw: Any) -> dict[str, Any]:
+def record(number: int, value: float | None, state: str = "COMPLETE", **kw: Any) -> TrialRecord:
     """A trials.json record: every key present, as `trial_record` writes it."""
     rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
     rec.update(number=number, state=state, value=value, params=dict(SPACE), counted=state == "COMPLETE")
@@ -45,10 +45,10 @@ def record(number: int, value: float | None, state: str = "COMPLETE", **kw: Any)
             tokens=1_234_567_890,
         )
     rec.update(kw)
-    return rec
+    return TrialRecord.from_dict(rec)
 
 
-def records(params: dict[str, Any] = SPACE) -> list[dict[str, Any]]:
+def records(params: dict[str, Any] = SPACE) -> list[TrialRecord]:
     rs = [
         record(0, 3.51234, seed_values=[3.41234, 3.51234, 3.61234]),  # within the seed noise of #3
         record(1, None, "FAIL", fail_reason="CUDA out of memory while training " + "x/" * 40),
@@ -57,16 +57,14 @@ def records(params: dict[str, Any] = SPACE) -> list[dict[str, Any]]:
         record(4, 3.41234, reused_from=3),
         record(5, 3.9, params={**SPACE, "attention.n_heads": 16, "positions.theta": 5e5}),
     ]
-    for r in rs:
-        r["params"] = {k: r["params"].get(k, v) for k, v in params.items()}
-    return rs
+    return [dataclasses.replace(r, params={k: r.params.get(k, v) for k, v in params.items()}) for r in rs]
 
 
 def search(seeds: tuple[int, ...] = (0, 1, 2)) -> Any:
     return load_search("quickstart").model_copy(update={"seeds": seeds})
 
 
-def rendered(rs: list[dict[str, Any]], width: int = 80, wide: bool = False, seeds=(0, 1, 2)) -> list[str]:
+def rendered(rs: list[TrialRecord], width: int = 80, wide: bool = False, seeds=(0, 1, 2)) -> list[str]:
     buf = io.StringIO()
     render(rs, search(seeds), wide=wide, con=Console(file=buf, width=width))
     return buf.getvalue().splitlines()

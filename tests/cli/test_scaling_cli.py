@@ -108,7 +108,7 @@ def test_fit_table_marks_ties_and_published_values(capsys: pytest.CaptureFixture
 
 def test_predict_spec_realizes_the_optimum(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from moeforge.compiler import account, load_spec
-    from moeforge.search import fit_law, load_search, runs_from_records
+    from moeforge.search import fit_law, load_search, load_trial_records, runs_from_records
 
     yaml = tmp_path / "ladder.yaml"
     yaml.write_text(
@@ -117,7 +117,7 @@ def test_predict_spec_realizes_the_optimum(capsys: pytest.CaptureFixture[str], t
         "budget: {train_flops: [1.0e+11, 3.0e+11, 1.0e+12]}\nsampler: {kind: grid, seed: 0}\nn_trials: 4\n"
     )
     search = load_search(yaml)
-    runs = runs_from_records(json.loads(FIXTURE.read_text()), source=str(FIXTURE), search=search)
+    runs = runs_from_records(load_trial_records(FIXTURE), source=str(FIXTURE), search=search)
     f = fit_law(runs, resamples=4, holdout=False)
     (tmp_path / "fit.json").write_text(json.dumps(f.to_json()))
     out = tmp_path / "opt.yaml"

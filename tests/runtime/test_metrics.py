@@ -87,7 +87,7 @@ def test_capacity_mode_reports_the_dropped_fraction_in_training(tmp_path):
         cfg=TrainConfig(steps=2, batch_size=2, device="cpu", eval_tokens=512, eval_points=1),
         progress=False,
     )
-    layers = summary["load"]["layers"] if "layers" in summary["load"] else summary["load"]
+    layers = summary.load["layers"]
     fractions = [v["dropped_fraction"] for v in layers.values()]
     assert fractions and all(0.4 <= f < 1.0 for f in fractions)  # capacity 0.5 keeps at most half
 

@@ -55,18 +55,18 @@ def test_flop_budget_is_hit_to_the_token(spec, fpt, corpus):
     # not a whole number of steps nor of sequences: the last step is short and ends in a cut sequence
     budget = (3 * 4 * spec.seq_len + 2 * spec.seq_len + 37) * fpt + fpt // 2
     _, s = _train(spec, fpt, corpus, _cfg(budget_flops=float(budget)))
-    assert s["tokens"] == budget // fpt == planned_tokens(_cfg(budget_flops=float(budget)), spec.seq_len, fpt)
-    assert s["train_flops"] == s["tokens"] * fpt
-    assert abs(s["train_flops"] - budget) / budget < 0.01 and s["train_flops"] <= budget
-    assert s["budget_flops"] == budget
-    assert s["steps"] == 4
+    assert s.tokens == budget // fpt == planned_tokens(_cfg(budget_flops=float(budget)), spec.seq_len, fpt)
+    assert s.train_flops == s.tokens * fpt
+    assert abs(s.train_flops - budget) / budget < 0.01 and s.train_flops <= budget
+    assert s.budget_flops == budget
+    assert s.steps == 4
 
 
 def test_steps_and_tokens_budgets(spec, fpt, corpus):
     _, s = _train(spec, fpt, corpus, _cfg(steps=3))
-    assert (s["steps"], s["tokens"]) == (3, 3 * 4 * spec.seq_len)
+    assert (s.steps, s.tokens) == (3, 3 * 4 * spec.seq_len)
     _, s = _train(spec, fpt, corpus, _cfg(tokens=1000))
-    assert (s["steps"], s["tokens"]) == (2, 1000)
+    assert (s.steps, s.tokens) == (2, 1000)
 
 
 @pytest.mark.parametrize(
@@ -104,11 +104,11 @@ def test_loss_falls_and_run_dir_is_complete(spec, fpt, corpus, tmp_path):
         tmp_path,
         on_eval=lambda f, m: evals.append((f, m["val_loss"])),
     )
-    assert s["status"] == "completed"
-    assert s["final_val_loss"] < s["initial_val_loss"] - 1.0  # from ~ln 256 = 5.5 towards byte-level ~3
-    assert s["val_bits_per_byte"] == pytest.approx(s["final_val_loss"] / math.log(2))
+    assert s.status == "completed"
+    assert s.final_val_loss < s.initial_val_loss - 1.0  # from ~ln 256 = 5.5 towards byte-level ~3
+    assert s.val_bits_per_byte == pytest.approx(s.final_val_loss / math.log(2))
     assert [f for f, _ in evals] == [0.25, 0.5, 0.75, 1.0]
-    assert evals[-1][1] == s["final_val_loss"]
+    assert evals[-1][1] == s.final_val_loss
     for key in (
         "tokens",
         "train_flops",
@@ -119,8 +119,8 @@ def test_loss_falls_and_run_dir_is_complete(spec, fpt, corpus, tmp_path):
         "device",
         "load",
     ):
-        assert key in s
-    assert json.loads((tmp_path / "summary.json").read_text()) == s
+        assert key in s.to_dict()
+    assert json.loads((tmp_path / "summary.json").read_text()) == s.to_dict()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in lines if r["kind"] == "train"]
     assert [r["step"] for r in train_lines] == [10, 20, 30, 40]
@@ -130,10 +130,8 @@ def test_loss_falls_and_run_dir_is_complete(spec, fpt, corpus, tmp_path):
     assert sorted(train_lines[0]["load"]) == [str(i) for i in layers]
     # every routed pair of the window is counted: 10 steps x 8 x seq_len tokens x top-k
     assert train_lines[0]["load"][str(layers[0])]["tokens"] == 10 * 8 * spec.seq_len * spec.moe_derived.top_k
-    total = s["load"]["layers"][str(layers[0])]["tokens_per_expert"]
-    assert (
-        sum(total) == s["tokens"] * spec.moe_derived.top_k and len(total) == spec.moe_derived.routed_experts
-    )
+    total = s.load["layers"][str(layers[0])]["tokens_per_expert"]
+    assert sum(total) == s.tokens * spec.moe_derived.top_k and len(total) == spec.moe_derived.routed_experts
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
         "model.safetensors",
         "optimizer.safetensors",
@@ -153,7 +151,7 @@ def test_checkpoint_loads_without_unpickling(spec, fpt, corpus, tmp_path, monkey
     fresh = build(spec, seed=123)
     opt = make_optimizer(fresh, _cfg(steps=3), torch.device("cpu"))
     state, tensors = load_checkpoint(tmp_path / "checkpoint", fresh, opt)
-    assert state["step"] == 3 and state["tokens"] == s["tokens"]
+    assert state["step"] == 3 and state["tokens"] == s.tokens
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     adam = [opt.state[p] for g in opt.param_groups for p in g["params"]]
@@ -185,11 +183,11 @@ def test_interrupted_run_resumes_to_the_same_result(spec, fpt, corpus, tmp_path)
     resumed, s = _train(
         spec, fpt, corpus, cfg, tmp_path / "cut", resume=True, seed=99
     )  # weights come from disk
-    assert (s["steps"], s["tokens"]) == (s_whole["steps"], s_whole["tokens"])
+    assert (s.steps, s.tokens) == (s_whole.steps, s_whole.tokens)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
-    assert s["final_val_loss"] == pytest.approx(s_whole["final_val_loss"], rel=1e-6)
-    assert s["initial_val_loss"] == s_whole["initial_val_loss"]
+    assert s.final_val_loss == pytest.approx(s_whole.final_val_loss, rel=1e-6)
+    assert s.initial_val_loss == s_whole.initial_val_loss
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # lines the crashed run wrote after its checkpoint were dropped
 
@@ -198,10 +196,10 @@ def test_resume_to_a_larger_budget_continues(spec, fpt, corpus, tmp_path):
     small = 6 * 4 * spec.seq_len * fpt
     _, s1 = _train(spec, fpt, corpus, _cfg(budget_flops=float(small)), tmp_path)
     _, s2 = _train(spec, fpt, corpus, _cfg(budget_flops=float(2 * small)), tmp_path, resume=True)
-    assert s2["tokens"] == 2 * s1["tokens"] and s2["steps"] == 2 * s1["steps"]
-    assert s2["train_flops"] == 2 * small and s2["segments"] == [s1["tokens"], s2["tokens"]]
-    assert s2["initial_val_loss"] == s1["initial_val_loss"]
-    assert s2["final_val_loss"] < s1["final_val_loss"]
+    assert s2.tokens == 2 * s1.tokens and s2.steps == 2 * s1.steps
+    assert s2.train_flops == 2 * small and s2.segments == [s1.tokens, s2.tokens]
+    assert s2.initial_val_loss == s1.initial_val_loss
+    assert s2.final_val_loss < s1.final_val_loss
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == [6, 10, 12]
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
@@ -273,8 +271,8 @@ def test_cuda_bf16_training_step(spec, fpt, corpus, tmp_path):
     _, s = _train(
         spec, fpt, corpus, TrainConfig(steps=3, batch_size=4, device="cuda", eval_tokens=1024), tmp_path
     )
-    assert s["device"].startswith("cuda") and s["steps"] == 3
-    assert math.isfinite(s["final_val_loss"]) and s["final_val_loss"] < s["initial_val_loss"]
+    assert s.device.startswith("cuda") and s.steps == 3
+    assert math.isfinite(s.final_val_loss) and s.final_val_loss < s.initial_val_loss
 
 
 def test_training_moves_the_selection_bias_by_the_sign_rule(corpus):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moeforge.compiler import ModelSpec, account
+from moeforge.runtime import RunSummary
 
 SCRIPT = Path(__file__).resolve()
 
@@ -32,17 +33,46 @@ def fake_evaluator(seconds: float = 0.0, eval_points: int = 4) -> Callable:
         for k in range(1, eval_points + 1):
             time.sleep(seconds / eval_points)
             on_eval(k / eval_points, {"val_loss": final + (eval_points - k) * 0.5})
-        return {
-            "initial_val_loss": 5.5,
-            "final_val_loss": final,
-            "val_bits_per_byte": final / math.log(2),
-            "tokens": tokens,
-            "train_flops": tokens * account(spec).train_flops_per_token,
-            "budget_flops": budget,
-            "tokens_per_second": tokens / max(seconds, 1e-9),
-        }
+        return fake_summary(
+            initial_val_loss=5.5,
+            final_val_loss=final,
+            val_bits_per_byte=final / math.log(2),
+            tokens=tokens,
+            train_flops=tokens * account(spec).train_flops_per_token,
+            budget_flops=budget,
+            tokens_per_second=tokens / max(seconds, 1e-9),
+        )
 
     return evaluate
+
+
+def fake_summary(**fields) -> RunSummary:
+    """A trainer's summary with `fields` set and the rest placeholders (what no fake trial reads)."""
+    base = dict(
+        status="completed",
+        stopped_by="budget",
+        initial_val_loss=None,
+        final_val_loss=None,
+        val_bits_per_byte=None,
+        tokens=0,
+        train_flops=0,
+        budget_flops=None,
+        planned_tokens=None,
+        train_flops_per_token=0,
+        tokens_per_second=None,
+        flops_per_second=None,
+        steps=0,
+        wall_s=0.0,
+        train_s=0.0,
+        device="cpu",
+        seq_len=0,
+        params=0,
+        corpus="fake",
+        segments=[],
+        load={},
+        config={},
+    )
+    return RunSummary(**{**base, **fields})
 
 
 def command(
@@ -71,7 +101,7 @@ def main() -> int:
     except SearchStop as e:
         print(f"fake worker: {e}", file=sys.stderr)
         return 1
-    return 0 if out["complete"] else 1
+    return 0 if out.complete else 1
 
 
 if __name__ == "__main__":

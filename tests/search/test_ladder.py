@@ -36,16 +36,16 @@ def test_grid_ladder_trains_every_size_and_m_at_every_budget_once(make_search, t
     s = make_search("  granularity: [1, 2]\n  size: [0.5, 1]", budget="[3.0e+9, 1.0e+9]", n_trials=100)
     assert s.budget.budgets == (1e9, 3e9) and s.budget.ladder
     study, calls = _run(s, tmp_path)
-    records = [r for r in trial_records(study) if r["state"] == "COMPLETE"]
-    units = {(r["params"]["m"], r["params"]["size"], r["params"]["budget"]) for r in records}
+    records = [r for r in trial_records(study) if r.state == "COMPLETE"]
+    units = {(r.params["m"], r.params["size"], r.params["budget"]) for r in records}
     assert units == set(itertools.product([1, 2], [0.5, 1.0], [1e9, 3e9]))
     assert len(calls) == len(records) == 8  # each unit trained once
     assert len({c[-1] for c in calls}) == 8  # its own folder: a spec at two budgets is two units
     for r in records:
-        assert r["budget_flops"] == r["params"]["budget"]
-        assert r["seeds"] == [0] and len(r["seed_values"]) == 1
-        assert r["params_activated_non_embedding"] < r["params_activated"] < r["params_total"]
-        assert r["spec_key"].endswith(f"-C{r['budget_flops']:.6g}")
+        assert r.budget_flops == r.params["budget"]
+        assert r.seeds == [0] and len(r.seed_values) == 1
+        assert r.params_activated_non_embedding < r.params_activated < r.params_total
+        assert r.spec_key.endswith(f"-C{r.budget_flops:.6g}")
     assert best_trial(study).params["budget"] == 3e9  # losses of different budgets do not compare
     # Running the search again trains nothing: every unit is done.
     _, again = _run(s, tmp_path, study)
@@ -57,10 +57,10 @@ def test_random_ladder_queues_each_proposal_at_the_other_budgets(make_search, tm
         "  granularity: [1, 2, 4]", budget="[1.0e+9, 2.0e+9, 4.0e+9]", sampler="random", n_trials=6
     )
     study, calls = _run(s, tmp_path)
-    done = [r for r in trial_records(study) if r["state"] == "COMPLETE" and r["reused_from"] is None]
+    done = [r for r in trial_records(study) if r.state == "COMPLETE" and r.reused_from is None]
     by_m: dict[int, set] = {}
     for r in done:
-        by_m.setdefault(r["params"]["m"], set()).add(r["params"]["budget"])
+        by_m.setdefault(r.params["m"], set()).add(r.params["budget"])
     assert len(done) == 6
     assert all(b == {1e9, 2e9, 4e9} for b in by_m.values()), by_m  # two architectures, three budgets each
 
@@ -122,9 +122,9 @@ def test_deepseek_hparams_follow_the_power_laws_and_are_recorded(make_search, tm
         assert rule["batch_size"] == max(1, min(ideal, tokens // (spec.seq_len * MIN_STEPS)))
     study, _ = _run(s, tmp_path)
     for r in trial_records(study):
-        if r["state"] == "COMPLETE":
-            h = r["hparams"]
-            assert h["rule"] == "deepseek" and h["lr"] == pytest.approx(0.3118 * r["budget_flops"] ** -0.125)
+        if r.state == "COMPLETE":
+            h = r.hparams
+            assert h["rule"] == "deepseek" and h["lr"] == pytest.approx(0.3118 * r.budget_flops**-0.125)
     with pytest.raises(SpecError, match="set by train.hparams"):
         make_search(extra="train: {hparams: deepseek, lr: 0.001}")
 

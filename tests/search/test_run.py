@@ -13,7 +13,7 @@ import moeforge.search._heartbeat as heartbeat_mod
 import moeforge.search._worker as worker_mod
 import optuna
 import pytest
-from fakes import command, fake_evaluator
+from fakes import command, fake_evaluator, fake_summary
 from moeforge.search import (
     RunConfig,
     SearchStop,
@@ -176,7 +176,7 @@ def test_real_training_meets_budget(make_search, tmp_path):
     out = run_search(s, RunConfig(tmp_path / "run", plots=False), log=lambda _: None)
     records = json.loads((tmp_path / "run" / "trials.json").read_text())
     done = [r for r in records if r["state"] == "COMPLETE" and r["reused_from"] is None]
-    assert len(done) == 2 == out["complete"]
+    assert len(done) == 2 == out.complete
     for r in done:
         assert abs(r["train_flops"] / r["budget_flops"] - 1) < 0.01
         assert r["train_flops"] <= r["budget_flops"]
@@ -291,7 +291,7 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(make_search, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_search(s, RunConfig(tmp_path / "run", plots=False), evaluate=interrupted, log=lambda _: None)
     out = run_search(s, RunConfig(tmp_path / "run", plots=False), evaluate=real, log=lambda _: None)
-    assert out["complete"] == 1
+    assert out.complete == 1
     trials = _load(tmp_path / "run").get_trials()
     first, retry = trials[0], trials[-1]
     assert first.state == TrialState.FAIL and first.user_attrs["died"] == "interrupted"
@@ -301,8 +301,8 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(make_search, tmp_path
     )
     assert len(summary["segments"]) == 2  # resumed, not started over
     whole = run_search(s, RunConfig(tmp_path / "whole", plots=False), evaluate=real, log=lambda _: None)
-    assert retry.values[0] == pytest.approx(whole["best"]["value"], abs=1e-6)
-    assert summary["tokens"] == whole["best"]["tokens"]
+    assert retry.values[0] == pytest.approx(whole.best.value, abs=1e-6)
+    assert summary["tokens"] == whole.best.tokens
 
 
 @pytest.mark.slow
@@ -359,7 +359,7 @@ def test_finished_trials_keep_checkpoints_by_policy(make_search, tmp_path, polic
         if list((tmp_path / "run" / r["trial_dir"]).glob("seed-*/checkpoint/model.safetensors"))
     }
     assert all((tmp_path / "run" / r["trial_dir"] / "seed-0" / "summary.json").is_file() for r in records)
-    assert with_weights == ({out["best"]["number"]} if policy == "best" else {r["number"] for r in records})
+    assert with_weights == ({out.best.number} if policy == "best" else {r["number"] for r in records})
 
 
 def test_a_trial_whose_worker_died_right_after_ask_is_failed_and_retried(make_search, tmp_path, monkeypatch):
@@ -470,7 +470,7 @@ def test_a_non_finite_bits_per_byte_fails_as_no_metric(make_search, tmp_path):
 
     def evaluate(spec, seed, budget, out_dir, on_eval):
         on_eval(0.5, {"val_loss": float("nan"), "val_bits_per_byte": None})
-        return {"final_val_loss": float("nan"), "val_bits_per_byte": None, "budget_flops": budget}
+        return fake_summary(final_val_loss=float("nan"), val_bits_per_byte=None, budget_flops=budget)
 
     run_worker(s, study, evaluate, WorkerOptions(tmp_path, log=logs.append))
     t = study.get_trials()[0]

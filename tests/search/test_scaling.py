@@ -25,6 +25,7 @@ from moeforge.search import (
     FitFailed,
     Runs,
     ScalingInputError,
+    TrialRecord,
     fit_law,
     load_runs,
     predict_optimum,
@@ -183,7 +184,7 @@ def test_records_expand_to_one_run_per_seed() -> None:
 def test_a_record_without_seed_values_is_one_run() -> None:
     rec = json.loads(FIXTURE.read_text())[0]
     rec = {**rec, "seed_values": None, "seeds": None, "value": 2.5}
-    runs = runs_from_records([rec])
+    runs = runs_from_records([TrialRecord.from_dict(rec)])
     assert list(runs.loss) == [2.5] and list(runs.seed) == [0]
 
 
@@ -191,7 +192,7 @@ def test_bad_losses_are_dropped_by_name() -> None:
     records = json.loads(FIXTURE.read_text())
     records[3]["seed_values"] = [float("nan"), records[3]["seed_values"][1]]
     records[4]["seed_values"] = [-1.0, 0.0]
-    runs = runs_from_records(records)
+    runs = runs_from_records([TrialRecord.from_dict(r) for r in records])
     assert len(runs) == 51
     assert runs.dropped == [
         "trial 3 seed 0 (loss nan)",
@@ -204,7 +205,7 @@ def test_old_records_without_the_n_key_say_which(tmp_path: Path) -> None:
     rec = json.loads(FIXTURE.read_text())[0]
     del rec["params_activated_non_embedding"]
     with pytest.raises(ScalingInputError, match=r"trial 0: params_activated_non_embedding is None.*--n"):
-        runs_from_records([rec])
+        runs_from_records([TrialRecord.from_dict(rec)])
 
 
 def test_csv_problems_name_file_line_and_column(tmp_path: Path) -> None:

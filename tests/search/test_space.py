@@ -184,7 +184,7 @@ def test_candidate_below_the_floor_is_infeasible_with_its_reason(make_search, fl
         return fake(spec, seed, budget, out_dir, on_eval)
 
     summary = run_search(s, RunConfig(tmp_path / "run", plots=False), evaluate=evaluate)
-    assert summary["complete"] == 2 and set(trained) == {1e12}
+    assert summary.complete == 2 and set(trained) == {1e12}
     records = json.loads((tmp_path / "run" / "trials.json").read_text())
     records = records["trials"] if isinstance(records, dict) else records
     small = [r for r in records if r["params"].get("budget") == 1e6]
