@@ -60,7 +60,7 @@ def ladder(out: Path, batch: int) -> None:
         )
         _log(
             out,
-            {"part": "stable", "seed": seed, "tokens": st.summary["tokens"], "s": time.perf_counter() - t0},
+            {"part": "stable", "seed": seed, "tokens": st.summary.tokens, "s": time.perf_counter() - t0},
         )
         for t in TOTALS:
             s = train_cooldown(
@@ -70,13 +70,13 @@ def ladder(out: Path, batch: int) -> None:
                 branch=st.branches[t],
                 out_dir=out / f"cool-s{seed}-{t}",
             )
-            _log(out, {"part": "wsd-branched", "seed": seed, "tokens": t, "loss": s["final_val_loss"]})
+            _log(out, {"part": "wsd-branched", "seed": seed, "tokens": t, "loss": s.final_val_loss})
         for t in TOTALS:
             s = train(build(spec, seed=seed), **kw, cfg=TrainConfig(**base, seed=seed, tokens=t))
-            _log(out, {"part": "cosine", "seed": seed, "tokens": t, "loss": s["final_val_loss"]})
+            _log(out, {"part": "cosine", "seed": seed, "tokens": t, "loss": s.final_val_loss})
     for t in TOTALS[:2]:
         s = train(build(spec, seed=0), **kw, cfg=wsd(0, t))
-        _log(out, {"part": "wsd-straight", "seed": 0, "tokens": t, "loss": s["final_val_loss"]})
+        _log(out, {"part": "wsd-straight", "seed": 0, "tokens": t, "loss": s.final_val_loss})
 
 
 def beta2(out: Path, batch: int, tokens: int) -> None:
@@ -104,7 +104,7 @@ def beta2(out: Path, batch: int, tokens: int) -> None:
                     "seed": seed,
                     "batch": batch,
                     "tokens": tokens,
-                    "loss": s["final_val_loss"],
+                    "loss": s.final_val_loss,
                 },
             )
 

@@ -19,7 +19,7 @@ from typing import Any
 SUMMARY_FILE = "summary.json"
 
 # keys a caller may add (train's `extra_summary`): written only when given
-_OPTIONAL = ("spec_name", "world", "spec", "run_dir")
+_OPTIONAL = ("spec_name", "world", "spec", "run_dir", "branch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +82,8 @@ class RunSummary:
     """The spec's name, as `moeforge train` records it; omitted from summary.json when not given."""
     run_dir: str | None = None
     """The run dir, as `moeforge train` records it; omitted from summary.json when not given."""
+    branch: str | None = None
+    """The stable-phase checkpoint a WSD cooldown started from (`train_cooldown`); omitted when not given."""
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's content: its keys in their order, the optional keys only when given."""

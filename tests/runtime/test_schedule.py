@@ -126,7 +126,7 @@ def test_branched_cooldowns_equal_straight_runs(spec, fpt, corpus, tmp_path):
     totals = [6 * step, 11 * step + 40]  # the second ends in a short step
     kw = {"seq_len": spec.seq_len, "train_flops_per_token": fpt, "corpus": corpus}
     stable = train_stable(_model(spec), **kw, cfg=_wsd(tokens=1), totals=totals, out_dir=tmp_path / "stable")
-    assert stable.summary["tokens"] == max(branch_point(_wsd(tokens=1), t, spec.seq_len) for t in totals)
+    assert stable.summary.tokens == max(branch_point(_wsd(tokens=1), t, spec.seq_len) for t in totals)
     for total in totals:
         straight_model = _model(spec)
         straight = train(straight_model, **kw, cfg=_wsd(tokens=total), progress=False)
@@ -138,8 +138,8 @@ def test_branched_cooldowns_equal_straight_runs(spec, fpt, corpus, tmp_path):
             branch=stable.branches[total],
             out_dir=tmp_path / f"budget-{total}",
         )
-        assert branched["tokens"] == straight["tokens"] == total
-        assert branched["final_val_loss"] == pytest.approx(straight["final_val_loss"], abs=1e-6)
+        assert branched.tokens == straight.tokens == total
+        assert branched.final_val_loss == pytest.approx(straight.final_val_loss, abs=1e-6)
         for a, b in zip(straight_model.parameters(), branched_model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # a budget of another lr cannot use the branch
