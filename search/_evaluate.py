@@ -62,7 +62,7 @@ def real_evaluator(
     def evaluate(
         spec: ModelSpec, seed: int, budget: float, out_dir: Path, on_eval: Callable[[float, dict], None]
     ) -> RunSummary:
-        done = _finished_summary(out_dir, budget)
+        done = finished_summary(out_dir, budget)
         if done is not None:
             for k in range(1, search.train.eval_points + 1):
                 on_eval(k / search.train.eval_points, {"val_loss": done.final_val_loss})
@@ -164,7 +164,7 @@ def group_failure(stderr: str, returncode: int) -> str:
     return rest[-1] if rest else f"exit status {returncode}"
 
 
-def _finished_summary(out_dir: Path, budget: float) -> RunSummary | None:
+def finished_summary(out_dir: Path, budget: float) -> RunSummary | None:
     from moeforge.runtime import RunSummary
 
     path = out_dir / "summary.json"

@@ -180,7 +180,7 @@ def check_law(
     """
     from .._data import data_problem, load_search_corpus
     from .._errors import SearchStop
-    from .._evaluate import _finished_summary, real_evaluator
+    from .._evaluate import finished_summary, real_evaluator
     from .._space import budget_problem
 
     if not (math.isfinite(budget) and budget > 0):
@@ -206,13 +206,11 @@ def check_law(
         )
         for seed in search.seeds:
             unit = r.folder / f"seed-{seed}"
-            done = _finished_summary(unit, budget) is not None
+            done = finished_summary(unit, budget) is not None
             if not done:
                 log(f"training {r.what} ({r.spec_key}) at {budget:.3g} FLOPs, seed {seed}")
             summary = evaluate(r.spec, seed, budget, unit, lambda f, m: None)
-            value = (
-                summary.get("final_val_loss") if metric == "val_loss" else summary.get("val_bits_per_byte")
-            )
+            value = summary.final_val_loss if metric == "val_loss" else summary.val_bits_per_byte
             if value is None or not math.isfinite(value):
                 raise RuntimeError(f"{r.what} seed {seed}: no finite {metric} (see {unit})")
             r.measured.append(float(value))
