@@ -8,6 +8,8 @@ Public API:
     run_search(search, RunConfig(run_dir, ...), evaluate=None) -> summary dict
         evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary; default real training
     report(run_dir, storage, study) -> (SearchSpec, trial records)
+    ladder_compute(records) -> (trained, separate) | None   tokens a branched-cooldown ladder trained, and
+                                                    what separate runs would have (`train.branch_cooldowns`)
     leaderboard(records), noise_marks(records)       trials best first; best / tied / beyond the seed noise
     seed_stats(values), tied(best, other), TIE_RULE  the one seed-noise rule every leaderboard uses
 
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from ._data import data_problem, load_search_corpus
     from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
     from ._errors import SearchStop, TrialFailed
+    from ._branching import ladder_compute, ladder_compute_line
     from ._evaluate import Evaluate, real_evaluator
     from ._records import trial_record, trial_records
     from ._results import leaderboard, noise_marks, write_results
@@ -70,6 +73,7 @@ _LAZY = {
     **dict.fromkeys(("data_problem", "load_search_corpus"), "_data"),
     **dict.fromkeys(("SearchStop", "TrialFailed"), "_errors"),
     **dict.fromkeys(("Evaluate", "real_evaluator"), "_evaluate"),
+    **dict.fromkeys(("ladder_compute", "ladder_compute_line"), "_branching"),
     "make_sampler": "_samplers",
     "open_storage": "_storage",
     "open_study": "_study",
@@ -117,6 +121,8 @@ __all__ = [
     "data_problem",
     "load_search_corpus",
     "grid_space",
+    "ladder_compute",
+    "ladder_compute_line",
     "leaderboard",
     "load_fit",
     "load_runs",

@@ -55,6 +55,7 @@ RECORD_KEYS = (
     "trial_dir",
     "data_fingerprint",
     "environment",
+    "branch_point",
     "constraints",
     "worker",
     "duration_s",

@@ -12,6 +12,7 @@ import optuna
 from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import TrialState
 
+from ._branching import ladder_compute
 from ._records import RECORD_KEYS, trial_record, trial_records
 from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
@@ -46,6 +47,7 @@ def write_results(
             for r in records
         ),
         "best": trial_record(best) if best else None,
+        "branched_tokens": ladder_compute(records),  # (trained, separate runs) of branched cooldowns, or None
         "plots": made,
     }
 
