@@ -45,7 +45,16 @@ STABLE = "-stable-"
 BRANCH_ATTR = "branch_point"
 """The summary key (and trial attr) of a branched budget: {"stable": stable folder name, "tokens": b}."""
 # settings that differ between the budgets of one stable phase, or do not change its steps
-_NOT_STABLE = ("budget_flops", "tokens", "steps", "time_s", "seed", "eval_points", "checkpoint_every_s", "device")
+_NOT_STABLE = (
+    "budget_flops",
+    "tokens",
+    "steps",
+    "time_s",
+    "seed",
+    "eval_points",
+    "checkpoint_every_s",
+    "device",
+)
 
 
 def stable_settings(cfg: TrainConfig) -> str:
@@ -78,7 +87,9 @@ def stable_lock(run: Path) -> Iterator[None]:
 
 
 def _budget_config(search: SearchSpec, spec: ModelSpec, budget: float, seed: int, device: str) -> TrainConfig:
-    return train_config(search, budget_flops=budget, seed=seed, device=device, rule=rule_for(search, spec, budget))
+    return train_config(
+        search, budget_flops=budget, seed=seed, device=device, rule=rule_for(search, spec, budget)
+    )
 
 
 def _point(cfg: TrainConfig, seq_len: int, fpt: int) -> tuple[int, int] | None:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 BUDGETS = "[2.0e+9, 4.0e+9]"  # about 11 and 22 steps of 2 sequences of the debug model
 TRAIN = (
     "train: {{device: cpu, batch_size: 2, cpu_threads: 1, eval_points: 2, branch_cooldowns: {branch}, "
-    "options: {{eval_tokens: 512, schedule: wsd, warmup_tokens: 512, checkpoint_every_s: 0.0}}}}\n"
+    "options: {{eval_tokens: 512, schedule: wsd, warmup_tokens: 512, checkpoint_every_s: 0.0, log_every: 1}}}}\n"
     "seeds: [0, 1]"
 )
 
@@ -214,3 +214,41 @@ def test_ladder_compute_counts_one_stable_phase_per_run():
     assert ladder_compute([rec(100, None)]) is None
     got = ladder_compute([rec(100, 80), rec(200, 160), rec(400, 320), rec(50, None, seeds=(0,))])
     assert got == (2 * (320 + 20 + 40 + 80) + 50, 2 * 700 + 50)
+
+
+def _one_budget(spec_dir: str, budget: float, barrier, results) -> None:
+    """In a fresh process: train seed 0 of one budget of the ladder in spec_dir/run (no study)."""
+    from moeforge.search import trial_to_spec
+    from moeforge.search._space import spec_key
+    from moeforge.search._trials import trial_dir
+
+    s = load_search(Path(spec_dir) / "t.yaml")
+    evaluate = real_evaluator(s, load_search_corpus(s), "cpu")
+    spec = trial_to_spec(s, {"m": 2, "budget": budget})
+    out = trial_dir(Path(spec_dir) / "run", f"{spec_key(spec)}-C{budget:.6g}") / "seed-0"
+    barrier.wait()  # both processes reach the stable run at once
+    results.put((budget, evaluate(spec, 0, budget, out, lambda *_: None)["final_val_loss"]))
+
+
+def test_two_processes_at_once_share_one_stable_run(tmp_path, straight):
+    """Two budgets of one architecture start in two processes at the same moment: the stable run is
+    trained under its lock by one at a time (never two trainers on one folder), and each budget's loss is
+    its separate run's."""
+    import multiprocessing
+
+    _search(tmp_path, True)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_one_budget, args=(str(tmp_path), c, barrier, results)) for c in (2e9, 4e9)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    _, seed_values = straight
+    assert got == pytest.approx({c: v[0] for c, v in seed_values.items()}, abs=1e-6)
+    steps = _stable_steps(tmp_path / "run")
+    assert len(steps) == 1
+    for trained in steps.values():
+        assert trained == sorted(set(trained)), trained
