@@ -93,7 +93,7 @@ def straight(tmp_path_factory):
     }
 
 
-def test_branched_ladder_equals_separate_wsd_runs_and_saves_compute(make_search, tmp_path, straight):
+def test_branched_ladder_equals_separate_wsd_runs_and_saves_compute(tmp_path, straight, capsys):
     s = _search(tmp_path, True)
     out = _run(s, tmp_path / "run")
     assert out["complete"] == 2
@@ -117,9 +117,17 @@ def test_branched_ladder_equals_separate_wsd_runs_and_saves_compute(make_search,
     assert (trained, separate) == (2 * (b2 + (t1 - b1) + (t2 - b2)), 2 * (t1 + t2))
     # every budget has finished: the stable runs' checkpoints are pruned (keep_checkpoints: best)
     assert not list((tmp_path / "run" / "trials").glob("*-stable-*/seed-*/branches"))
+    # `search report` says what the study saved
+    from moeforge.cli import main
+
+    assert main(["search", "report", str(tmp_path / "run"), "--no-plots", "--wide"]) == 0
+    saved = 1 - trained / separate
+    assert f"{trained:,} tokens trained where separate runs would train {separate:,} ({saved:.0%} saved)" in (
+        capsys.readouterr().out
+    )
 
 
-def test_each_budget_is_its_own_resumable_unit(make_search, tmp_path, straight):
+def test_each_budget_is_its_own_resumable_unit(tmp_path, straight):
     """Killed in the second budget's cooldown: the first budget's trial is kept, the stable run is not trained
     again, the second budget resumes from its own checkpoint; the values are the uninterrupted ones."""
     s = _search(tmp_path, True)
@@ -160,7 +168,7 @@ def test_each_budget_is_its_own_resumable_unit(make_search, tmp_path, straight):
     assert len(json.loads(cut.read_text())["segments"]) >= 2  # the cooldown resumed, not started over
 
 
-def test_two_workers_train_each_stable_run_once(make_search, tmp_path, straight):
+def test_two_workers_train_each_stable_run_once(tmp_path, straight):
     """`--workers 2` on one journal: the two budgets of the one architecture run at the same time in two
     processes; each stable run is trained by one of them at a time, and the values are the separate runs'."""
     _search(tmp_path, True)  # writes t.yaml
