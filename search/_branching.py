@@ -131,11 +131,11 @@ def evaluate_branched(
         return None
     b = own[1]
     settings = stable_settings(cfg)
-    totals = []  # the ladder's budgets that share this stable run and branch at or before this one
+    totals = [own[0]]  # with the ladder's budgets that share this stable run and branch at or before it
     for c in search.budget.budgets:
         other = _budget_config(search, spec, c, seed, device)
         point = _point(other, spec.seq_len, fpt)
-        if point is not None and point[1] <= b and stable_settings(other) == settings:
+        if point is not None and point[1] <= b and point[0] != own[0] and stable_settings(other) == settings:
             totals.append(point[0])
     corpus = dataclasses.replace(corpus, vocab_size=spec.vocab_size)
     kw: dict[str, Any] = {"seq_len": spec.seq_len, "train_flops_per_token": fpt, "corpus": corpus}
