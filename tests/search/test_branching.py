@@ -168,6 +168,7 @@ def test_each_budget_is_its_own_resumable_unit(tmp_path, straight):
     assert len(json.loads(cut.read_text())["segments"]) >= 2  # the cooldown resumed, not started over
 
 
+@pytest.mark.slow
 def test_two_workers_train_each_stable_run_once(tmp_path, straight):
     """`--workers 2` on one journal: the two budgets of the one architecture run at the same time in two
     processes; each stable run is trained by one of them at a time, and the values are the separate runs'."""
@@ -238,6 +239,7 @@ def _one_budget(spec_dir: str, budget: float, barrier, results) -> None:
     results.put((budget, evaluate(spec, 0, budget, out, lambda *_: None)["final_val_loss"]))
 
 
+@pytest.mark.slow
 def test_two_processes_at_once_share_one_stable_run(tmp_path, straight):
     """Two budgets of one architecture start in two processes at the same moment: the stable run is
     trained under its lock by one at a time (never two trainers on one folder), and each budget's loss is
