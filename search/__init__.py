@@ -35,10 +35,10 @@ from ._space import Infeasible, constraint_values, describe, grid_space, spec_ke
 from ._spec import SearchSpec, load_search, search_schema
 
 if TYPE_CHECKING:
+    from ._branching import ladder_compute, ladder_compute_line
     from ._data import data_problem, load_search_corpus
     from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
     from ._errors import SearchStop, TrialFailed
-    from ._branching import ladder_compute, ladder_compute_line
     from ._evaluate import Evaluate, real_evaluator
     from ._records import trial_record, trial_records
     from ._results import leaderboard, noise_marks, write_results

@@ -464,7 +464,9 @@ def _check_branching(search: SearchSpec) -> None:
             "run would make each budget's stable phase differ)"
         )
     if opts.get("cooldown") == 0:
-        raise ValueError("train.branch_cooldowns: needs a cooldown; give train.options.cooldown > 0 (e.g. 0.2)")
+        raise ValueError(
+            "train.branch_cooldowns: needs a cooldown; give train.options.cooldown > 0 (e.g. 0.2)"
+        )
     if search.train.devices_per_trial > 1:
         raise ValueError("train.branch_cooldowns: not yet with train.devices_per_trial > 1; use 1")
 
