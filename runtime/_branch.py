@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -35,6 +36,7 @@ from ._checkpoint import STATE_FILE, find_checkpoint
 from ._config import TrainConfig
 from ._data import Corpus
 from ._summary import RunSummary
+from ._tracking import Tracking
 from ._train import CHECKPOINT_DIR, Trainer, in_cooldown, planned_tokens
 
 BRANCHES_DIR = "branches"
@@ -55,7 +57,8 @@ _STABLE_KEYS = (
 class StableRun:
     """What `train_stable` made: the stable run's summary and, per budget (total tokens), its branch."""
 
-    summary: RunSummary
+    summary: RunSummary | None
+    """The stable run's summary (None when an earlier call's run stopped before writing one)."""
     branches: dict[int, Path]
     """Total tokens of a budget -> the checkpoint folder its cooldown starts from."""
 
@@ -93,6 +96,17 @@ def _check_wsd(cfg: TrainConfig) -> None:
         raise ValueError("cooldown: 0; give each budget's cooldown fraction (e.g. 0.2)")
 
 
+def _same_stable(where: Path, was: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise ValueError when a stable run saved with config `was` is not the stable phase of config `now`."""
+    differ = [k for k in _STABLE_KEYS if was.get(k) != now[k]]
+    if differ:
+        raise ValueError(
+            f"{where}: the stable run trained with "
+            + ", ".join(f"{k} {was.get(k)!r}" for k in differ)
+            + f", this budget asks for {', '.join(f'{k} {now[k]!r}' for k in differ)}"
+        )
+
+
 def ladder_tokens(cfg: TrainConfig, totals: Sequence[int], seq_len: int) -> tuple[int, int]:
     """Tokens a ladder of budgets trains (branched, separate): max(b_i) + sum(T_i - b_i) against sum(T_i)."""
     points = [branch_point(cfg, t, seq_len) for t in totals]
@@ -114,6 +128,10 @@ def train_stable(
     """Train the warmup and stable phase of the WSD run `cfg` (its budget is ignored) once, to the branch point
     of the largest of `totals` (token counts), checkpointing at each total's branch point.
 
+    A stable run already in `out_dir` (same stable settings) is extended from its checkpoint: the stable
+    phase does not depend on the total, so a later call with a larger total trains only the tokens in
+    between, and a call whose branches all exist trains nothing.
+
     Raises:
         ValueError: `cfg` is not WSD with `warmup_tokens`, or a total's cooldown would start in the warmup.
         RuntimeError: the run stopped (e.g. at `time_s`) before a branch point.
@@ -125,6 +143,20 @@ def train_stable(
     last = max(points.values())
     stable = cfg.model_copy(update={"cooldown": 0.0, "tokens": last, "budget_flops": None, "steps": None})
     out_dir = Path(out_dir)
+    branches = {t: out_dir / BRANCHES_DIR / str(b) for t, b in points.items()}
+    found = find_checkpoint(out_dir / CHECKPOINT_DIR)
+    if found is not None:  # an earlier call (or an interrupted one): extend it, the stable phase is the same
+        import json
+
+        saved = json.loads((found / STATE_FILE).read_text())
+        _same_stable(out_dir, saved.get("config", {}), cfg.to_dict())
+        if all(find_checkpoint(p) is not None for p in branches.values()):
+            summary_path = out_dir / "summary.json"
+            summary = RunSummary.read(summary_path) if summary_path.is_file() else None
+            return StableRun(summary, branches)  # every branch is there: nothing to train
+    else:  # stopped before its first checkpoint: starts over
+        for name in ("summary.json", "metrics.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
     trainer = Trainer(
         model,
         seq_len=seq_len,
@@ -132,10 +164,10 @@ def train_stable(
         corpus=corpus,
         cfg=TrainConfig.model_validate(stable.model_dump()),
         out_dir=out_dir,
+        resume=found is not None,
         progress=progress,
         extra_summary=extra_summary,
     )
-    branches = {t: out_dir / BRANCHES_DIR / str(b) for t, b in points.items()}
     trainer.branch_at = {b: out_dir / BRANCHES_DIR / str(b) for b in points.values()}
     summary = trainer.run()
     missing = sorted(t for t, p in branches.items() if find_checkpoint(p) is None)
@@ -159,6 +191,7 @@ def train_cooldown(
     on_eval: Callable[[float, dict], None] | None = None,
     progress: bool = False,
     extra_summary: dict | None = None,
+    tracking: Tracking | None = None,
 ) -> RunSummary:
     """Finish one budget (`cfg`'s) from its branch checkpoint of `train_stable`: only the cooldown is trained.
 
@@ -186,14 +219,7 @@ def train_cooldown(
             f"{branch}: a checkpoint at {saved.get('tokens'):,} tokens; a {total:,}-token budget's cooldown "
             f"starts at {b:,}"
         )
-    was, now = saved.get("config", {}), cfg.to_dict()
-    differ = [k for k in _STABLE_KEYS if was.get(k) != now[k]]
-    if differ:
-        raise ValueError(
-            f"{branch}: the stable run trained with "
-            + ", ".join(f"{k} {was.get(k)!r}" for k in differ)
-            + f", this budget asks for {', '.join(f'{k} {now[k]!r}' for k in differ)}"
-        )
+    _same_stable(branch, saved.get("config", {}), cfg.to_dict())
     if (out_dir / "summary.json").exists() and find_checkpoint(out_dir / CHECKPOINT_DIR) is None:
         raise FileExistsError(f"{out_dir} already holds a run; choose another output folder")
     if find_checkpoint(out_dir / CHECKPOINT_DIR) is None:
@@ -213,4 +239,5 @@ def train_cooldown(
         on_eval=on_eval,
         progress=progress,
         extra_summary={"branch": str(branch), **(extra_summary or {})},
+        tracking=tracking,
     ).run()

@@ -19,7 +19,7 @@ from typing import Any
 SUMMARY_FILE = "summary.json"
 
 # keys a caller may add (train's `extra_summary`): written only when given
-_OPTIONAL = ("spec_name", "world", "spec", "run_dir", "branch")
+_OPTIONAL = ("spec_name", "world", "spec", "run_dir", "branch", "branch_point")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +84,8 @@ class RunSummary:
     """The run dir, as `moeforge train` records it; omitted from summary.json when not given."""
     branch: str | None = None
     """The stable-phase checkpoint a WSD cooldown started from (`train_cooldown`); omitted when not given."""
+    branch_point: dict[str, Any] | None = None
+    """A search's branched cooldown: its stable run and branch point in tokens; omitted when not given."""
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's content: its keys in their order, the optional keys only when given."""

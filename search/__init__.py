@@ -9,6 +9,8 @@ Public API:
         evaluate: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's RunSummary; default real training
     report(run_dir, storage, study) -> (SearchSpec, list[TrialRecord])
     TrialRecord, load_trial_records(path)          one trial as trials.json holds it; reading trials.json
+    ladder_compute(records) -> (trained, separate) | None   tokens a branched-cooldown ladder trained, and
+                                                    what separate runs would have (`train.branch_cooldowns`)
     leaderboard(records), noise_marks(records)       trials best first; best / tied / beyond the seed noise
     seed_stats(values), tied(best, other), TIE_RULE  the one seed-noise rule every leaderboard uses
 
@@ -34,6 +36,7 @@ from ._space import Infeasible, constraint_values, describe, grid_space, spec_ke
 from ._spec import SearchSpec, load_search, search_schema
 
 if TYPE_CHECKING:
+    from ._branching import ladder_compute, ladder_compute_line
     from ._data import data_problem, load_search_corpus
     from ._driver import RunConfig, auto_workers, report, run_one_worker, run_search
     from ._errors import SearchStop, TrialFailed
@@ -75,6 +78,7 @@ _LAZY = {
     **dict.fromkeys(("data_problem", "load_search_corpus"), "_data"),
     **dict.fromkeys(("SearchStop", "TrialFailed"), "_errors"),
     **dict.fromkeys(("Evaluate", "real_evaluator"), "_evaluate"),
+    **dict.fromkeys(("ladder_compute", "ladder_compute_line"), "_branching"),
     "make_sampler": "_samplers",
     "open_storage": "_storage",
     "open_study": "_study",
@@ -125,6 +129,8 @@ __all__ = [
     "data_problem",
     "load_search_corpus",
     "grid_space",
+    "ladder_compute",
+    "ladder_compute_line",
     "leaderboard",
     "load_fit",
     "load_runs",

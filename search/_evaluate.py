@@ -26,6 +26,7 @@ from moeforge.compiler import ModelSpec, account
 from moeforge.runtime import torchrun_args
 from optuna.trial import TrialState
 
+from ._branching import BRANCH_ATTR, evaluate_branched
 from ._errors import TrialFailed
 from ._space import trial_budget
 from ._spec import SearchSpec, train_config
@@ -34,7 +35,7 @@ from ._training import job, rule_for, train_spec
 from ._trials import trial_dir
 
 if TYPE_CHECKING:
-    from moeforge.runtime import Corpus, RunSummary
+    from moeforge.runtime import Corpus, RunSummary, Tracking
 
 #: Evaluate one spec at one seed: (spec, seed, budget_flops, out_dir, on_eval) -> the trainer's summary.
 Evaluate = Callable[[ModelSpec, int, float, Path, Callable[[float, dict], None]], "RunSummary"]
@@ -73,6 +74,12 @@ def real_evaluator(
                 (out_dir / name).unlink(missing_ok=True)
         if search.train.devices_per_trial > 1:
             return _group_evaluate(search, spec, seed, budget, dev, out_dir, resume, on_eval)
+        if search.train.branch_cooldowns and not resume:  # a budget of a branched ladder: its cooldown alone
+            done = evaluate_branched(
+                search, corpus, spec, seed, budget, out_dir, on_eval, dev, _for_seed(tracking, seed)
+            )
+            if done is not None:
+                return done
         model = None
         rule = rule_for(search, spec, budget)
         cfg = train_config(search, budget_flops=budget, seed=seed, device=dev, rule=rule)
@@ -86,7 +93,7 @@ def real_evaluator(
                 out_dir,
                 resume=resume,
                 on_eval=on_eval,
-                tracking=tracking.for_seed(seed) if tracking is not None else None,
+                tracking=_for_seed(tracking, seed),
             )
         finally:
             del model
@@ -95,6 +102,10 @@ def real_evaluator(
                 torch.cuda.empty_cache()
 
     return evaluate
+
+
+def _for_seed(tracking: SearchTracking | None, seed: int) -> Tracking | None:
+    return tracking.for_seed(seed) if tracking is not None else None
 
 
 def _group_evaluate(
@@ -247,6 +258,8 @@ def train_trial(
     trial.set_user_attr("tokens_per_second", s0.tokens_per_second)
     # what makes the numbers comparable across machines (runtime/_environment.py)
     trial.set_user_attr("environment", s0.environment)
+    if s0.branch_point is not None:  # a branched cooldown's stable run and branch point (`_branching.py`)
+        trial.set_user_attr(BRANCH_ATTR, s0.branch_point)
     if s0.load:  # the trainer's always has "layers"; a stand-in evaluator's may be empty
         trial.set_user_attr("load", json.loads(json.dumps(s0.load, default=float)))
     cfg = train_config(

@@ -112,6 +112,8 @@ class TrialRecord:
     """The corpus's fingerprint (equal exactly when the tokens are)."""
     environment: dict[str, Any] | None = None
     """Software and hardware the first seed trained on (`moeforge.runtime.environment`)."""
+    branch_point: dict[str, Any] | None = None
+    """A branched cooldown's stable run and the token count it branched at (`train.branch_cooldowns`)."""
     constraints: list[float] | None = None
     """Optuna's constraint values (<= 0 feasible)."""
     worker: int | None = None

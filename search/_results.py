@@ -12,6 +12,7 @@ import optuna
 from moeforge.compiler import ModelSpec, spec_to_yaml
 from optuna.trial import TrialState
 
+from ._branching import ladder_compute
 from ._records import RECORD_KEYS, TrialRecord, trial_record, trial_records
 from ._seeds import seed_stats, tied
 from ._spec import SearchSpec
@@ -44,6 +45,7 @@ def write_results(study: optuna.Study, search: SearchSpec, run_dir: Path, plots:
             for r in records
         ),
         best=trial_record(best) if best else None,
+        branched_tokens=ladder_compute(records),
         plots=made,
     )
 

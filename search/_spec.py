@@ -367,6 +367,12 @@ class TrainSettings(_Section):
     (DDP over the global batch, `moeforge.runtime.train`), and `--workers auto` makes one worker per k
     visible GPUs (on CPU, per k x cpu_threads cores). Evaluations reach the search when the run ends, so
     no pruner."""
+    branch_cooldowns: bool = False
+    """On a budget ladder with `options: {schedule: wsd, warmup_tokens: N}`: train each architecture and seed
+    once through the warmup and stable phase, and branch each budget's cooldown off it where that budget's
+    cooldown starts (Hägele et al. 2024, arXiv 2405.18392), the same losses as separate WSD runs for less
+    compute. Each budget stays its own trial and folder; the shared stable run lives in
+    trials/<spec key>-stable-<settings>/seed-<seed>."""
     keep_checkpoints: Literal["best", "all", "none"] = "best"
     """Which finished trials keep their trained weights (trials/<spec key>/seed-*/checkpoint): the best
     so far (disk stays bounded; `moeforge export hf RUN_DIR` exports it), all, or none. Unfinished and
@@ -432,6 +438,8 @@ class SearchSpec(_Section):
             raise ValueError(
                 "pruner.kind: trials of a budget ladder differ in budget, not comparable; use none"
             )
+        if self.train.branch_cooldowns:
+            _check_branching(self)
         if self.train.hparams == "deepseek":
             for k in ("lr", "batch_size"):
                 if getattr(self.train, k) is not None or k in self.train.options:
@@ -441,6 +449,30 @@ class SearchSpec(_Section):
     @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
         return ["minimize", "minimize"] if self.objective.params_total else ["minimize"]
+
+
+def _check_branching(search: SearchSpec) -> None:
+    """`train.branch_cooldowns` needs budgets to branch and a stable phase that is the same for each."""
+    opts = search.train.options
+    if not search.budget.ladder:
+        raise ValueError(
+            "train.branch_cooldowns: needs a budget ladder (budget.train_flops: [C1, C2, ...]) to branch"
+        )
+    if opts.get("schedule") != "wsd":
+        raise ValueError(
+            "train.branch_cooldowns: needs train.options.schedule: wsd (the stable phase is what budgets share)"
+        )
+    if opts.get("warmup_tokens") is None:
+        raise ValueError(
+            "train.branch_cooldowns: needs train.options.warmup_tokens (a warmup in tokens; a fraction of the "
+            "run would make each budget's stable phase differ)"
+        )
+    if opts.get("cooldown") == 0:
+        raise ValueError(
+            "train.branch_cooldowns: needs a cooldown; give train.options.cooldown > 0 (e.g. 0.2)"
+        )
+    if search.train.devices_per_trial > 1:
+        raise ValueError("train.branch_cooldowns: not yet with train.devices_per_trial > 1; use 1")
 
 
 SEARCH_CHECKPOINT_EVERY_S = 60.0

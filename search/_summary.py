@@ -27,6 +27,8 @@ class SearchResult:
     """Failed trials that were not retried (each has a ``fail_reason``)."""
     best: TrialRecord | None
     """The best trial's record; None before any trial completes."""
+    branched_tokens: tuple[int, int] | None = None
+    """(tokens trained, tokens separate runs would have trained) of a branched-cooldown ladder; None without."""
     plots: list[str] = field(default_factory=list)
     """The plots written under plots/, by name."""
     storage: str | None = None
@@ -50,6 +52,7 @@ class SearchResult:
             "complete": self.complete,
             "failed": self.failed,
             "best": self.best.to_dict() if self.best is not None else None,
+            "branched_tokens": list(self.branched_tokens) if self.branched_tokens is not None else None,
             "plots": self.plots,
         }
         out.update({k: getattr(self, k) for k in _RUN_KEYS if getattr(self, k) is not None})

@@ -340,6 +340,11 @@ def render(records: list[TrialRecord], search: Any, wide: bool = False, con: Any
         say(f"hidden to fit {con.width} columns: {', '.join(hidden)} (--wide shows all)", 2)
     for line in notes:
         say(line, 2)
+    from moeforge.search import ladder_compute_line  # branched cooldowns: the compute saved
+
+    saved = ladder_compute_line(records)
+    if saved:
+        say(saved, 2)
 
 
 _STATES = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}

@@ -10,6 +10,7 @@ from moeforge.compiler import account, build, load_spec
 from moeforge.runtime import (
     TrainConfig,
     branch_point,
+    find_checkpoint,
     ladder_tokens,
     load_corpus,
     lr_at,
@@ -18,6 +19,7 @@ from moeforge.runtime import (
     train_stable,
 )
 from moeforge.runtime._train import make_optimizer
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -142,6 +144,19 @@ def test_branched_cooldowns_equal_straight_runs(spec, fpt, corpus, tmp_path):
         assert branched.final_val_loss == pytest.approx(straight.final_val_loss, abs=1e-6)
         for a, b in zip(straight_model.parameters(), branched_model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # extending a stable run by resuming: the same branches as one call to the largest total
+    kw_stable = {**kw, "cfg": _wsd(tokens=1), "out_dir": tmp_path / "extended"}
+    first = train_stable(_model(spec), **kw_stable, totals=totals[:1])
+    assert first.summary["tokens"] == branch_point(_wsd(tokens=1), totals[0], spec.seq_len)
+    extended = train_stable(_model(spec, seed=1), **kw_stable, totals=totals)  # weights from its checkpoint
+    assert extended.summary["tokens"] == stable.summary["tokens"]
+    assert len(extended.summary["segments"]) == 2  # resumed, not started over
+    for total in totals:
+        a = load_file(find_checkpoint(stable.branches[total]) / "model.safetensors")
+        b = load_file(find_checkpoint(extended.branches[total]) / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = train_stable(_model(spec), **kw_stable, totals=totals)  # every branch there: trains nothing
+    assert again.summary == extended.summary
     # a budget of another lr cannot use the branch
     with pytest.raises(ValueError, match="lr"):
         train_cooldown(
