@@ -54,10 +54,10 @@ def _search(out: Path, branch: bool) -> tuple[dict[float, list[float]], int, flo
     from moeforge.search import open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(str(out / name / "study.journal")))
-    records = [r for r in trial_records(study) if r["state"] == "COMPLETE" and r["reused_from"] is None]
-    values = {r["params"]["budget"]: r["seed_values"] for r in records}
+    records = [r for r in trial_records(study) if r.state == "COMPLETE" and r.reused_from is None]
+    values = {r.params["budget"]: r.seed_values for r in records}
     compute = ladder_compute(records)
-    trained = compute[0] if compute else sum(r["tokens"] * len(r["seeds"]) for r in records)
+    trained = compute[0] if compute else sum((r.tokens or 0) * len(r.seeds or [0]) for r in records)
     return values, trained, wall
 
 

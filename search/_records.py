@@ -122,8 +122,11 @@ class TrialRecord:
     """Seconds from the trial's start to its end."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The trial as trials.json writes it: every key, in order."""
-        return {k: getattr(self, k) for k in RECORD_KEYS}
+        """The trial as trials.json writes it: every key, in order (`branch_point` only on a branched ladder,
+        so other searches write what they always did)."""
+        return {
+            k: getattr(self, k) for k in RECORD_KEYS if k != "branch_point" or self.branch_point is not None
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialRecord:

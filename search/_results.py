@@ -73,7 +73,8 @@ def comparable_on(rec: TrialRecord) -> str:
 
 def _write_csv(path: Path, records: list[TrialRecord]) -> None:
     param_names = sorted({k for r in records for k in r.params})
-    cols = [k for k in RECORD_KEYS if k not in ("params", "values", "load", "constraints", "environment")]
+    skip = ("params", "values", "load", "constraints", "environment", "branch_point")
+    cols = [k for k in RECORD_KEYS if k not in skip]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols[:4] + [f"param:{p}" for p in param_names] + cols[4:] + ["load"])

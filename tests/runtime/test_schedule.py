@@ -128,7 +128,9 @@ def test_branched_cooldowns_equal_straight_runs(spec, fpt, corpus, tmp_path):
     totals = [6 * step, 11 * step + 40]  # the second ends in a short step
     kw = {"seq_len": spec.seq_len, "train_flops_per_token": fpt, "corpus": corpus}
     stable = train_stable(_model(spec), **kw, cfg=_wsd(tokens=1), totals=totals, out_dir=tmp_path / "stable")
-    assert stable.summary.tokens == max(branch_point(_wsd(tokens=1), t, spec.seq_len) for t in totals)
+    assert stable.summary is not None and stable.summary.tokens == max(
+        branch_point(_wsd(tokens=1), t, spec.seq_len) for t in totals
+    )
     for total in totals:
         straight_model = _model(spec)
         straight = train(straight_model, **kw, cfg=_wsd(tokens=total), progress=False)
@@ -147,10 +149,12 @@ def test_branched_cooldowns_equal_straight_runs(spec, fpt, corpus, tmp_path):
     # extending a stable run by resuming: the same branches as one call to the largest total
     kw_stable = {**kw, "cfg": _wsd(tokens=1), "out_dir": tmp_path / "extended"}
     first = train_stable(_model(spec), **kw_stable, totals=totals[:1])
-    assert first.summary["tokens"] == branch_point(_wsd(tokens=1), totals[0], spec.seq_len)
+    assert first.summary is not None and stable.summary is not None
+    assert first.summary.tokens == branch_point(_wsd(tokens=1), totals[0], spec.seq_len)
     extended = train_stable(_model(spec, seed=1), **kw_stable, totals=totals)  # weights from its checkpoint
-    assert extended.summary["tokens"] == stable.summary["tokens"]
-    assert len(extended.summary["segments"]) == 2  # resumed, not started over
+    assert extended.summary is not None
+    assert extended.summary.tokens == stable.summary.tokens
+    assert len(extended.summary.segments) == 2  # resumed, not started over
     for total in totals:
         a = load_file(find_checkpoint(stable.branches[total]) / "model.safetensors")
         b = load_file(find_checkpoint(extended.branches[total]) / "model.safetensors")

@@ -13,6 +13,7 @@ import pytest
 from moeforge.compiler import SpecError
 from moeforge.search import (
     RunConfig,
+    TrialRecord,
     ladder_compute,
     load_search,
     load_search_corpus,
@@ -96,7 +97,7 @@ def straight(tmp_path_factory):
 def test_branched_ladder_equals_separate_wsd_runs_and_saves_compute(tmp_path, straight, capsys):
     s = _search(tmp_path, True)
     out = _run(s, tmp_path / "run")
-    assert out["complete"] == 2
+    assert out.complete == 2
     done = _by_budget(tmp_path / "run")
     values, seed_values = straight
     assert set(done) == set(values) == {2e9, 4e9}
@@ -111,7 +112,8 @@ def test_branched_ladder_equals_separate_wsd_runs_and_saves_compute(tmp_path, st
     assert len(steps) == 2  # one stable run per seed, shared by both budgets
     for trained in steps.values():
         assert trained == sorted(set(trained))  # no step trained twice
-    trained, separate = out["branched_tokens"]
+    assert out.branched_tokens is not None
+    trained, separate = out.branched_tokens
     t1, t2 = (done[c].user_attrs["tokens"] for c in (2e9, 4e9))
     b1, b2 = (done[c].user_attrs["branch_point"]["tokens"] for c in (2e9, 4e9))
     assert (trained, separate) == (2 * (b2 + (t1 - b1) + (t2 - b2)), 2 * (t1 + t2))
@@ -154,7 +156,7 @@ def test_each_budget_is_its_own_resumable_unit(tmp_path, straight):
     assert list((tmp_path / "run" / "trials").glob("*-stable-*/seed-0/branches"))  # kept: a budget needs it
     steps_before = _stable_steps(tmp_path / "run")
     out = _run(s, tmp_path / "run", real)
-    assert out["complete"] == 2
+    assert out.complete == 2
     done = _by_budget(tmp_path / "run")
     assert done[seen[0]].number == first[seen[0]].number and summary0.read_text() == before  # reused
     values, _ = straight
@@ -212,13 +214,7 @@ def test_the_switch_says_what_it_needs(make_search, budget, options, says):
 def test_ladder_compute_counts_one_stable_phase_per_run():
     def rec(tokens, b, stable="k-stable-x", seeds=(0, 1)):
         point = {"stable": stable, "tokens": b} if b is not None else None
-        return {
-            "state": "COMPLETE",
-            "reused_from": None,
-            "tokens": tokens,
-            "seeds": list(seeds),
-            "branch_point": point,
-        }
+        return TrialRecord(number=0, state="COMPLETE", tokens=tokens, seeds=list(seeds), branch_point=point)
 
     assert ladder_compute([rec(100, None)]) is None
     got = ladder_compute([rec(100, 80), rec(200, 160), rec(400, 320), rec(50, None, seeds=(0,))])
@@ -236,7 +232,7 @@ def _one_budget(spec_dir: str, budget: float, barrier, results) -> None:
     spec = trial_to_spec(s, {"m": 2, "budget": budget})
     out = trial_dir(Path(spec_dir) / "run", f"{spec_key(spec)}-C{budget:.6g}") / "seed-0"
     barrier.wait()  # both processes reach the stable run at once
-    results.put((budget, evaluate(spec, 0, budget, out, lambda *_: None)["final_val_loss"]))
+    results.put((budget, evaluate(spec, 0, budget, out, lambda *_: None).final_val_loss))
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ LAYERS = (
     "_data",
     "_study",
     "_training",
+    "_branching",
     "_group",
     "_evaluate",
     "_checkpoints",

@@ -61,6 +61,7 @@ KEYS_BEFORE = [
     "trial_dir",
     "data_fingerprint",
     "environment",
+    "branch_point",
     "constraints",
     "worker",
     "duration_s",
