@@ -352,12 +352,16 @@ class TrainSettings(_Section):
     """Corpus: null for the bundled one, or a path (see `moeforge.runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}
     """Other TrainConfig fields by name (e.g. warmup, eval_tokens), checked against TrainConfig on load."""
-    hparams: Literal["fixed", "deepseek"] = "fixed"
+    hparams: Literal["fixed", "deepseek", "small"] = "fixed"
     """Learning rate and batch size: `fixed` (train.lr / train.batch_size, or the trainer's defaults, at
-    every budget) or `deepseek`, DeepSeek LLM's compute-optimal power laws (arXiv 2401.02954, section 3.1:
+    every budget); `deepseek`, DeepSeek LLM's compute-optimal power laws (arXiv 2401.02954, section 3.1:
     lr = 0.3118 C^-0.1250, batch = 0.2920 C^0.3271 tokens; fitted on dense models at 1e17-3e20 FLOPs, so at
     CPU scale a starting point, not a truth), the batch rounded to whole sequences and kept to at most
-    1/MIN_STEPS of the run's tokens. Every trial records the values it used (`hparams`)."""
+    1/MIN_STEPS of the run's tokens; or `small`, for tiny models (see `small_hparams`): the batch that gives
+    the search's smallest budget at least RULE_STEPS optimizer steps, a short warmup in tokens
+    (`warmup_tokens`, so a WSD ladder can branch) and lr = SMALL_LR_A N^-SMALL_LR_B in the activated
+    non-embedding parameters N, fitted by `benchmarks/lr_sweep.py`; the three are the same at every budget of
+    a ladder. Every trial records the values it used (`hparams`)."""
     devices_per_trial: int = Field(1, ge=1, le=1024)
     """Devices (processes) per training run: k > 1 runs each trial as a torchrun group of k processes
     (DDP over the global batch, `moeforge.runtime.train`), and `--workers auto` makes one worker per k
@@ -428,10 +432,15 @@ class SearchSpec(_Section):
             raise ValueError(
                 "pruner.kind: trials of a budget ladder differ in budget, not comparable; use none"
             )
-        if self.train.hparams == "deepseek":
-            for k in ("lr", "batch_size"):
-                if getattr(self.train, k) is not None or k in self.train.options:
-                    raise ValueError(f"train.{k}: set by train.hparams: deepseek; remove it or use fixed")
+        if self.train.hparams != "fixed":
+            owned = ("lr", "batch_size") + (
+                ("warmup", "warmup_tokens") if self.train.hparams == "small" else ()
+            )
+            for k in owned:
+                if getattr(self.train, k, None) is not None or k in self.train.options:
+                    raise ValueError(
+                        f"train.{k}: set by train.hparams: {self.train.hparams}; remove it or use fixed"
+                    )
         return self
 
     @property
@@ -443,14 +452,59 @@ SEARCH_CHECKPOINT_EVERY_S = 60.0
 MIN_STEPS = 20
 """`hparams: deepseek` keeps its batch to at most 1/MIN_STEPS of a run's tokens."""
 
+RULE_STEPS = 500
+"""`hparams: small` gives every candidate at least this many optimizer steps at the search's smallest
+budget (issue 16: a few hundred steps leave the loss set by the steps, not by N)."""
+SMALL_MAX_BATCH = 64
+"""`hparams: small`: the batch (sequences) never grows past this, however many tokens a run gets."""
+SMALL_LR_A = 0.25
+SMALL_LR_B = 0.4
+"""`hparams: small`: lr = SMALL_LR_A * N^-SMALL_LR_B, N the activated non-embedding parameters; fitted by
+`python -m benchmarks.lr_sweep` (docs/scaling-study.md has the sweep)."""
+SMALL_WARMUP_CAP = 0.1
+"""`hparams: small`: the warmup (N tokens, Porian et al. 2024) is at most this share of the smallest run..."""
+SMALL_WARMUP_STEPS = 10
+"""... and at least this many steps (N tokens is a step or two for the smallest models)."""
+
+
+def small_hparams(n_params: int, tokens_smallest: int, seq_len: int) -> dict[str, Any]:
+    """`hparams: small` for one model: lr, batch size (sequences) and warmup tokens.
+
+    Args:
+        n_params: activated non-embedding parameters N (the lr rule's variable; the warmup is N tokens,
+            Porian et al. 2024, arXiv 2406.19146: a short warmup for small models, kept between
+            SMALL_WARMUP_STEPS steps and SMALL_WARMUP_CAP of the smallest run).
+        tokens_smallest: the model's tokens at the search's smallest budget; the batch gives that run at
+            least RULE_STEPS steps (fewer only when not even one sequence per step would), and every larger
+            budget more, with the same lr, batch and warmup (what a branched WSD ladder needs).
+        seq_len: tokens per sequence.
+    """
+    batch = max(1, min(SMALL_MAX_BATCH, tokens_smallest // (seq_len * RULE_STEPS)))
+    warmup = max(SMALL_WARMUP_STEPS * batch * seq_len, n_params)
+    warmup = max(1, min(warmup, int(SMALL_WARMUP_CAP * tokens_smallest)))
+    return {"lr": SMALL_LR_A * n_params**-SMALL_LR_B, "batch_size": batch, "warmup_tokens": warmup}
+
 
 def hparams(
-    search: SearchSpec, budget_flops: float, seq_len: int, tokens: int | None = None
+    search: SearchSpec,
+    budget_flops: float,
+    seq_len: int,
+    tokens: int | None = None,
+    spec: ModelSpec | None = None,
 ) -> dict[str, Any]:
-    """The learning rate and batch size (sequences) that `train.hparams` gives at one budget; empty for
-    `fixed` (the search's own train.lr / train.batch_size then apply)."""
+    """The learning rate and batch size (sequences) that `train.hparams` gives at one budget (and, for
+    `small`, warmup_tokens; it needs `spec`); empty for `fixed` (the search's own train.lr /
+    train.batch_size then apply)."""
     if search.train.hparams == "fixed":
         return {}
+    if search.train.hparams == "small":
+        from moeforge.compiler import account
+
+        if spec is None:
+            raise TypeError("hparams: small needs the candidate's spec")
+        acc = account(spec)
+        smallest = int(min(search.budget.budgets) // acc.train_flops_per_token)
+        return small_hparams(acc.params_activated_non_embedding, smallest, spec.seq_len)
     lr = 0.3118 * budget_flops**-0.1250
     batch_tokens = 0.2920 * budget_flops**0.3271
     batch = max(1, round(batch_tokens / seq_len))

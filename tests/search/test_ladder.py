@@ -12,7 +12,16 @@ from moeforge.search import WorkerOptions, make_sampler, run_worker, trial_recor
 from moeforge.search._results import evidence
 from moeforge.search._samplers import make_pruner
 from moeforge.search._seeds import tied
-from moeforge.search._spec import MIN_STEPS
+from moeforge.search._space import Infeasible, grid_space
+from moeforge.search._spec import (
+    MIN_STEPS,
+    RULE_STEPS,
+    SMALL_LR_A,
+    SMALL_LR_B,
+    load_search,
+    small_hparams,
+    train_config,
+)
 from moeforge.search._training import rule_for
 from moeforge.search._trials import best_trial
 
@@ -127,6 +136,65 @@ def test_deepseek_hparams_follow_the_power_laws_and_are_recorded(make_search, tm
             assert h["rule"] == "deepseek" and h["lr"] == pytest.approx(0.3118 * r["budget_flops"] ** -0.125)
     with pytest.raises(SpecError, match="set by train.hparams"):
         make_search(extra="train: {hparams: deepseek, lr: 0.001}")
+
+
+def test_small_hparams_give_every_unit_of_the_shipped_study_enough_steps():
+    """Computed, not trained: at every budget of the shipped study each candidate gets >= RULE_STEPS steps
+    of its batch, the lr the fitted rule gives its N, a warmup under a tenth of its smallest run, and the
+    same lr, batch and warmup at every budget (one WSD stable phase can serve them all)."""
+    s = load_search("scaling")
+    assert s.train.hparams == "small" and s.train.options["schedule"] == "wsd"
+    grid = grid_space(s)
+    budgets = grid.pop("budget")
+    assert max(budgets) / min(budgets) >= 30
+    units = 0
+    for point in itertools.product(*grid.values()):
+        try:
+            spec = trial_to_spec(s, dict(zip(grid, point, strict=True)))
+        except Infeasible:
+            continue
+        acc = account(spec)
+        rules = [rule_for(s, spec, c) for c in budgets]
+        assert all(r == rules[0] for r in rules)
+        rule = rules[0]
+        assert rule["lr"] == pytest.approx(SMALL_LR_A * acc.params_activated_non_embedding**-SMALL_LR_B)
+        assert rule["warmup_tokens"] <= 0.1 * (min(budgets) // acc.train_flops_per_token)
+        for c in budgets:
+            cfg = train_config(s, budget_flops=c, seed=0, device="cpu", rule=rule)
+            assert cfg.warmup_tokens == rule["warmup_tokens"] and cfg.schedule == "wsd"
+            steps = (c // acc.train_flops_per_token) // (cfg.batch_size * spec.seq_len)
+            assert steps >= RULE_STEPS, (point, c, steps)
+            units += 1
+    assert units == 5 * 5 * 4  # sizes x (m, K_s) valid pairs x budgets
+
+
+def test_small_hparams_pick_the_batch_from_the_smallest_run():
+    seq = 128
+    assert small_hparams(10_000, 500 * seq * 3 + 5, seq)["batch_size"] == 3
+    assert small_hparams(10_000, 500 * seq * 1000, seq)["batch_size"] == 64  # capped
+    assert small_hparams(10_000, 100 * seq, seq)["batch_size"] == 1  # as many steps as there can be
+    big, small = small_hparams(80_000, 10**6, seq), small_hparams(5_000, 10**6, seq)
+    assert big["lr"] < small["lr"]  # bigger models want a smaller lr
+    assert big["warmup_tokens"] == 80_000  # N tokens (Porian et al.)
+    assert small_hparams(80_000, 100_000, seq)["warmup_tokens"] == 10_000  # at most 10% of the run
+
+
+def test_small_hparams_own_lr_batch_and_warmup(make_search, tmp_path):
+    s = make_search("  granularity: [1, 2]", budget="[1.0e+9, 1.0e+10]", extra="train: {hparams: small}")
+    spec = trial_to_spec(s, {"m": 1})
+    assert rule_for(s, spec, 1e9) == rule_for(s, spec, 1e10)
+    study, _ = _run(s, tmp_path)
+    n = 0
+    for r in trial_records(study):
+        if r["state"] == "COMPLETE":
+            h = r["hparams"]
+            assert h["rule"] == "small"
+            assert h["lr"] == pytest.approx(SMALL_LR_A * r["params_activated_non_embedding"] ** -SMALL_LR_B)
+            n += 1
+    assert n > 0
+    for bad in ("lr: 0.001", "options: {warmup_tokens: 100}", "options: {warmup: 0.1}"):
+        with pytest.raises(SpecError, match="set by train.hparams: small"):
+            make_search(extra=f"train: {{hparams: small, {bad}}}")
 
 
 def test_best_yaml_says_the_evidence(make_search, tmp_path):
