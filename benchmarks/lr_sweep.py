@@ -27,8 +27,8 @@ CHECK_SIZES = (0.03125, 0.5)
 
 
 def _guess(n: int) -> float:
-    """Where the sweep centres (from a first sweep at seq_len 128, budget 4e10)."""
-    return 0.007 * (n / 1e4) ** -0.5
+    """Where the sweep centres: the fit of a first sweep (seq_len 64, 2e10 FLOPs)."""
+    return 33.8 * n**-0.925
 
 
 def _unit(search_name: str, size: float, m: int, budget: float | None = None) -> tuple:

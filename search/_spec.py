@@ -455,8 +455,8 @@ MIN_STEPS = 20
 RULE_STEPS = 500
 """`hparams: small` gives every run at least this many optimizer steps (issue 16: at a few hundred steps
 the loss is set by the steps and the lr as much as by N)."""
-SMALL_LR_A = 33.8
-SMALL_LR_B = 0.925
+SMALL_LR_A = 3.83
+SMALL_LR_B = 0.673
 """`hparams: small`: lr = SMALL_LR_A * N^-SMALL_LR_B, N the activated non-embedding parameters; fitted by
 `python -m benchmarks.lr_sweep sweep` at the shipped study's smallest budget (docs/scaling-study.md)."""
 SMALL_WARMUP_CAP = 0.1
