@@ -266,7 +266,7 @@ def budget_problem(search: SearchSpec, spec: ModelSpec, budget: float) -> str | 
     from moeforge.runtime import budget_problem as too_small
 
     fpt = account(spec).train_flops_per_token
-    rule = hparams(search, budget, spec.seq_len, int(budget // fpt))
+    rule = hparams(search, budget, spec.seq_len, int(budget // fpt), spec)
     cfg = train_config(search, budget_flops=budget, seed=search.seeds[0], device="cpu", rule=rule)
     why = too_small(cfg, spec.seq_len, fpt)
     return f"budget too small: train_flops {why}" if why else None
@@ -314,7 +314,7 @@ def _floor(search: SearchSpec, spec: ModelSpec, budget: float) -> float:
     from moeforge.runtime import budget_floor
 
     fpt = account(spec).train_flops_per_token
-    rule = hparams(search, budget, spec.seq_len, int(budget // fpt))
+    rule = hparams(search, budget, spec.seq_len, int(budget // fpt), spec)
     cfg = train_config(search, budget_flops=budget, seed=search.seeds[0], device="cpu", rule=rule)
     return budget_floor(cfg, spec.seq_len, fpt)[1]
 

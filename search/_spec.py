@@ -356,12 +356,16 @@ class TrainSettings(_Section):
     """Corpus: null for the bundled one, or a path (see `moeforge.runtime.load_corpus`)."""
     options: dict[str, Scalar] = {}
     """Other TrainConfig fields by name (e.g. warmup, eval_tokens), checked against TrainConfig on load."""
-    hparams: Literal["fixed", "deepseek"] = "fixed"
+    hparams: Literal["fixed", "deepseek", "small"] = "fixed"
     """Learning rate and batch size: `fixed` (train.lr / train.batch_size, or the trainer's defaults, at
-    every budget) or `deepseek`, DeepSeek LLM's compute-optimal power laws (arXiv 2401.02954, section 3.1:
+    every budget); `deepseek`, DeepSeek LLM's compute-optimal power laws (arXiv 2401.02954, section 3.1:
     lr = 0.3118 C^-0.1250, batch = 0.2920 C^0.3271 tokens; fitted on dense models at 1e17-3e20 FLOPs, so at
     CPU scale a starting point, not a truth), the batch rounded to whole sequences and kept to at most
-    1/MIN_STEPS of the run's tokens. Every trial records the values it used (`hparams`)."""
+    1/MIN_STEPS of the run's tokens; or `small`, for tiny models (see `small_hparams`): DeepSeek's batch
+    kept small enough for at least RULE_STEPS optimizer steps, a short warmup in tokens (`warmup_tokens`)
+    and lr = SMALL_LR_A N^-SMALL_LR_B in the activated non-embedding parameters N, fitted by
+    `benchmarks/lr_sweep.py`; lr and warmup are the same at every budget. Every trial records the values
+    it used (`hparams`)."""
     devices_per_trial: int = Field(1, ge=1, le=1024)
     """Devices (processes) per training run: k > 1 runs each trial as a torchrun group of k processes
     (DDP over the global batch, `moeforge.runtime.train`), and `--workers auto` makes one worker per k
@@ -440,10 +444,15 @@ class SearchSpec(_Section):
             )
         if self.train.branch_cooldowns:
             _check_branching(self)
-        if self.train.hparams == "deepseek":
-            for k in ("lr", "batch_size"):
-                if getattr(self.train, k) is not None or k in self.train.options:
-                    raise ValueError(f"train.{k}: set by train.hparams: deepseek; remove it or use fixed")
+        if self.train.hparams != "fixed":
+            owned = ("lr", "batch_size") + (
+                ("warmup", "warmup_tokens") if self.train.hparams == "small" else ()
+            )
+            for k in owned:
+                if getattr(self.train, k, None) is not None or k in self.train.options:
+                    raise ValueError(
+                        f"train.{k}: set by train.hparams: {self.train.hparams}; remove it or use fixed"
+                    )
         return self
 
     @property
@@ -479,17 +488,85 @@ SEARCH_CHECKPOINT_EVERY_S = 60.0
 MIN_STEPS = 20
 """`hparams: deepseek` keeps its batch to at most 1/MIN_STEPS of a run's tokens."""
 
+RULE_STEPS = 500
+"""`hparams: small` gives every run at least this many optimizer steps (issue 16: at a few hundred steps
+the loss is set by the steps and the lr as much as by N)."""
+SMALL_LR_A = 3.83
+SMALL_LR_B = 0.673
+"""`hparams: small`: lr = SMALL_LR_A * N^-SMALL_LR_B, N the activated non-embedding parameters; fitted by
+`python -m benchmarks.lr_sweep sweep` at the shipped study's smallest budget (docs/scaling-study.md)."""
+SMALL_WARMUP_CAP = 0.1
+"""`hparams: small`: the warmup (N tokens, Porian et al. 2024) is at most this share of the smallest run..."""
+SMALL_WARMUP_STEPS = 10
+"""... and at least this many of its steps (N tokens is a step or two for the smallest models)."""
+
+
+def _deepseek_batch(budget_flops: float, seq_len: int) -> int:
+    """DeepSeek LLM's B_opt = 0.2920 C^0.3271 tokens, in whole sequences (at least one)."""
+    return max(1, round(0.2920 * budget_flops**0.3271 / seq_len))
+
+
+def small_hparams(
+    n_params: int, budget_flops: float, tokens: int, smallest: tuple[float, int], seq_len: int
+) -> dict[str, Any]:
+    """`hparams: small` for one model at one budget: lr, batch size (sequences) and warmup tokens.
+
+    The batch is DeepSeek LLM's compute-optimal one at the budget, made smaller where the run would get
+    fewer than RULE_STEPS steps (down to one sequence). The lr and the warmup depend on the model alone,
+    so they are the same at every budget of a ladder.
+
+    Args:
+        n_params: activated non-embedding parameters N: lr = SMALL_LR_A N^-SMALL_LR_B, and the warmup is N
+            tokens (Porian et al. 2024, arXiv 2406.19146: a short warmup for small models), kept between
+            SMALL_WARMUP_STEPS steps and SMALL_WARMUP_CAP of the model's run at the smallest budget.
+        budget_flops: this run's training FLOPs.
+        tokens: this run's tokens.
+        smallest: the search's smallest budget and the model's tokens there.
+        seq_len: tokens per sequence.
+    """
+
+    def batch(c: float, t: int) -> int:
+        return max(1, min(_deepseek_batch(c, seq_len), t // (seq_len * RULE_STEPS)))
+
+    c0, t0 = smallest
+    warmup = max(SMALL_WARMUP_STEPS * batch(c0, t0) * seq_len, n_params)
+    warmup = max(1, min(warmup, int(SMALL_WARMUP_CAP * t0)))
+    return {
+        "lr": SMALL_LR_A * n_params**-SMALL_LR_B,
+        "batch_size": batch(budget_flops, tokens),
+        "warmup_tokens": warmup,
+    }
+
 
 def hparams(
-    search: SearchSpec, budget_flops: float, seq_len: int, tokens: int | None = None
+    search: SearchSpec,
+    budget_flops: float,
+    seq_len: int,
+    tokens: int | None = None,
+    spec: ModelSpec | None = None,
 ) -> dict[str, Any]:
-    """The learning rate and batch size (sequences) that `train.hparams` gives at one budget; empty for
-    `fixed` (the search's own train.lr / train.batch_size then apply)."""
+    """The learning rate and batch size (sequences) that `train.hparams` gives at one budget (and, for
+    `small`, warmup_tokens; it needs `spec`); empty for `fixed` (the search's own train.lr /
+    train.batch_size then apply)."""
     if search.train.hparams == "fixed":
         return {}
+    if search.train.hparams == "small":
+        from moeforge.compiler import account
+
+        if spec is None:
+            raise TypeError("hparams: small needs the candidate's spec")
+        acc = account(spec)
+        c0 = min(search.budget.budgets)
+        fpt = acc.train_flops_per_token
+        return small_hparams(
+            acc.params_activated_non_embedding,
+            budget_flops,
+            int(budget_flops // fpt),
+            (c0, int(c0 // fpt)),
+            spec.seq_len,
+        )
     lr = 0.3118 * budget_flops**-0.1250
-    batch_tokens = 0.2920 * budget_flops**0.3271
-    batch = max(1, round(batch_tokens / seq_len))
+    batch = _deepseek_batch(budget_flops, seq_len)
     if tokens is not None:
         batch = max(1, min(batch, tokens // (seq_len * MIN_STEPS)))
     return {"lr": lr, "batch_size": batch}

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def rule_for(search: SearchSpec, spec: ModelSpec, budget: float) -> dict[str, Any]:
     """`train.hparams` at this spec and budget (empty for fixed)."""
     tokens = int(budget // account(spec).train_flops_per_token)
-    return hparams(search, budget, spec.seq_len, tokens)
+    return hparams(search, budget, spec.seq_len, tokens, spec)
 
 
 def train_spec(

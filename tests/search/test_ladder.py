@@ -12,7 +12,16 @@ from moeforge.search import WorkerOptions, make_sampler, run_worker, trial_recor
 from moeforge.search._results import evidence
 from moeforge.search._samplers import make_pruner
 from moeforge.search._seeds import tied
-from moeforge.search._spec import MIN_STEPS
+from moeforge.search._space import Infeasible, grid_space
+from moeforge.search._spec import (
+    MIN_STEPS,
+    RULE_STEPS,
+    SMALL_LR_A,
+    SMALL_LR_B,
+    load_search,
+    small_hparams,
+    train_config,
+)
 from moeforge.search._training import rule_for
 from moeforge.search._trials import best_trial
 
@@ -127,6 +136,73 @@ def test_deepseek_hparams_follow_the_power_laws_and_are_recorded(make_search, tm
             assert h["rule"] == "deepseek" and h["lr"] == pytest.approx(0.3118 * r.budget_flops**-0.125)
     with pytest.raises(SpecError, match="set by train.hparams"):
         make_search(extra="train: {hparams: deepseek, lr: 0.001}")
+
+
+def test_small_hparams_give_every_unit_of_the_shipped_study_enough_steps():
+    """Computed, not trained: at every budget of the shipped study each candidate gets >= RULE_STEPS steps
+    of its batch, the lr the fitted rule gives its N, and a warmup under a tenth of its smallest run; lr and
+    warmup are the same at every budget, the batch never above DeepSeek's."""
+    s = load_search("scaling")
+    assert s.train.hparams == "small" and s.train.options["schedule"] == "wsd"
+    grid = grid_space(s)
+    budgets = grid.pop("budget")
+    assert max(budgets) / min(budgets) >= 30
+    units = 0
+    for point in itertools.product(*grid.values()):
+        try:
+            spec = trial_to_spec(s, dict(zip(grid, point, strict=True)))
+        except Infeasible:
+            continue
+        acc = account(spec)
+        rules = [rule_for(s, spec, c) for c in budgets]
+        for k in ("lr", "warmup_tokens"):
+            assert len({r[k] for r in rules}) == 1
+        lr = SMALL_LR_A * acc.params_activated_non_embedding**-SMALL_LR_B
+        assert rules[0]["lr"] == pytest.approx(lr)
+        assert rules[0]["warmup_tokens"] <= 0.1 * (min(budgets) // acc.train_flops_per_token)
+        for c, rule in zip(budgets, rules, strict=True):
+            cfg = train_config(s, budget_flops=c, seed=0, device="cpu", rule=rule)
+            assert cfg.warmup_tokens == rule["warmup_tokens"] and cfg.schedule == "wsd"
+            assert cfg.batch_size <= max(1, round(0.2920 * c**0.3271 / spec.seq_len))
+            steps = (c // acc.train_flops_per_token) // (cfg.batch_size * spec.seq_len)
+            assert steps >= RULE_STEPS, (point, c, steps)
+            units += 1
+    assert units == 5 * 5 * 4  # sizes x valid (m, K_s) pairs x budgets
+
+
+def test_small_hparams_batch_is_deepseeks_unless_it_leaves_too_few_steps():
+    seq = 64
+    ds = round(0.2920 * 1e12**0.3271 / seq)  # DeepSeek B_opt at 1e12, in sequences
+    smallest = (1e10, 10**6)
+    assert small_hparams(10_000, 1e12, 10**8, smallest, seq)["batch_size"] == ds
+    assert small_hparams(10_000, 1e12, 500 * seq * 3 + 5, smallest, seq)["batch_size"] == 3
+    assert small_hparams(10_000, 1e12, 100 * seq, smallest, seq)["batch_size"] == 1  # all the steps there are
+    big, small = (small_hparams(n, 1e12, 10**6, smallest, seq) for n in (80_000, 5_000))
+    assert big["lr"] < small["lr"]  # bigger models want a smaller lr
+    assert big["warmup_tokens"] == 80_000  # N tokens (Porian et al.)
+    assert small_hparams(80_000, 1e12, 10**6, (1e10, 100_000), seq)["warmup_tokens"] == 10_000  # <= 10%
+    assert (
+        small_hparams(100, 1e12, 10**6, smallest, seq)["warmup_tokens"] == 10 * 9 * seq
+    )  # >= 10 steps (9 sequences at 1e10)
+
+
+def test_small_hparams_own_lr_batch_and_warmup(make_search, tmp_path):
+    s = make_search("  granularity: [1, 2]", budget="[1.0e+9, 1.0e+10]", extra="train: {hparams: small}")
+    spec = trial_to_spec(s, {"m": 1})
+    one, ten = rule_for(s, spec, 1e9), rule_for(s, spec, 1e10)
+    assert one["lr"] == ten["lr"] and one["warmup_tokens"] == ten["warmup_tokens"]
+    study, _ = _run(s, tmp_path)
+    n = 0
+    for r in trial_records(study):
+        if r["state"] == "COMPLETE":
+            h = r["hparams"]
+            assert h["rule"] == "small"
+            assert h["lr"] == pytest.approx(SMALL_LR_A * r["params_activated_non_embedding"] ** -SMALL_LR_B)
+            n += 1
+    assert n > 0
+    for bad in ("lr: 0.001", "options: {warmup_tokens: 100}", "options: {warmup: 0.1}"):
+        with pytest.raises(SpecError, match="set by train.hparams: small"):
+            make_search(extra=f"train: {{hparams: small, {bad}}}")
 
 
 def test_best_yaml_says_the_evidence(make_search, tmp_path):
