@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "estimate":
-        res = estimate(a.search, a.procs, a.steps)
-        (a.out / "estimate.json").write_text(json.dumps(res, indent=1))
+        est = estimate(a.search, a.procs, a.steps)
+        (a.out / "estimate.json").write_text(json.dumps(est, indent=1))
         return
     jobs = []
     centres = {}
