@@ -135,7 +135,7 @@ def train_stable(
     Raises:
         ValueError: `cfg` is not WSD with `warmup_tokens`, or a total's cooldown would start in the warmup.
         RuntimeError: the run stopped (e.g. at `time_s`) before a branch point.
-        And whatever `train` raises.
+        Exception: whatever `train` raises.
     """
     if not totals:
         raise ValueError("totals: give at least one budget's token count")
@@ -201,7 +201,7 @@ def train_cooldown(
     Raises:
         ValueError: `branch` is not this budget's branch point, or was trained with other settings.
         FileExistsError: `out_dir` holds a finished run.
-        And whatever `train` raises.
+        Exception: whatever `train` raises.
     """
     import json
 
