@@ -33,9 +33,7 @@ def _guess(n: int) -> float:
 
 def _unit(search_name: str, size: float, m: int, budget: float | None = None) -> tuple:
     from moeforge.compiler import account
-    from moeforge.search._space import trial_to_spec
-    from moeforge.search._spec import load_search
-    from moeforge.search._training import rule_for
+    from moeforge.search import load_search, rule_for, trial_to_spec
 
     search = load_search(search_name)
     budget = budget or min(search.budget.budgets)
@@ -50,7 +48,7 @@ def _train(job: dict) -> dict:
     import torch
     from moeforge.compiler import build
     from moeforge.runtime import load_corpus, train
-    from moeforge.search._spec import train_config
+    from moeforge.search import train_config
 
     torch.set_num_threads(1)
     search, spec, budget, rule, acc = _unit(job["search"], job["size"], job["m"], job.get("budget"))
@@ -89,8 +87,7 @@ def _speed(job: dict) -> dict:
     import torch
     from moeforge.compiler import account, build
     from moeforge.runtime import TrainConfig, load_corpus, train
-    from moeforge.search._space import trial_to_spec
-    from moeforge.search._spec import load_search
+    from moeforge.search import load_search, trial_to_spec
 
     torch.set_num_threads(1)
     search = load_search(job["search"])
@@ -131,9 +128,7 @@ def estimate(search_name: str, procs: int, steps: int) -> dict:
     import itertools
 
     from moeforge.compiler import account
-    from moeforge.search._space import Infeasible, grid_space, trial_to_spec
-    from moeforge.search._spec import load_search
-    from moeforge.search._training import rule_for
+    from moeforge.search import Infeasible, grid_space, load_search, rule_for, trial_to_spec
 
     search = load_search(search_name)
     grid = grid_space(search)

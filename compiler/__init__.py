@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._accounting import COMPONENTS, Accounting, LayerCounts, MemoryEstimate, account, memory
 from ._dump import spec_to_yaml
-from ._hf_card import model_card
-from ._hf_check import check_against_transformers, check_passes
-from ._hf_expressible import choose_format
-from ._hf_formats import HFError
-from ._hf_io import export_hf, import_hf
+from ._hf.card import model_card
+from ._hf.check import check_against_transformers, check_passes
+from ._hf.expressible import choose_format
+from ._hf.formats import HFError
+from ._hf.io import export_hf, import_hf
 from ._loader import (
     Loc,
     Locs,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._seeds import TIE_RULE, seed_stats, tied
 from ._space import Infeasible, constraint_values, describe, grid_space, spec_key, suggest, trial_to_spec
-from ._spec import SearchSpec, load_search, search_schema
+from ._spec import SearchSpec, load_search, search_schema, train_config
 
 if TYPE_CHECKING:
     from ._branching import ladder_compute, ladder_compute_line
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from ._storage import open_storage
     from ._study import open_study
     from ._summary import SearchResult
+    from ._training import rule_for
     from ._trials import counted
     from ._worker import WorkerOptions, run_worker
 
@@ -80,6 +81,7 @@ _LAZY = {
     **dict.fromkeys(("Evaluate", "real_evaluator"), "_evaluate"),
     **dict.fromkeys(("ladder_compute", "ladder_compute_line"), "_branching"),
     "make_sampler": "_samplers",
+    "rule_for": "_training",
     "open_storage": "_storage",
     "open_study": "_study",
     "counted": "_trials",
@@ -157,6 +159,8 @@ __all__ = [
     "trial_record",
     "trial_records",
     "trial_to_spec",
+    "train_config",
+    "rule_for",
     "write_results",
     "write_scaling_plots",
 ]

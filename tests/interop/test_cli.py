@@ -42,7 +42,7 @@ def test_inexpressible_field_is_a_one_line_error(tmp_path, capsys, change, named
 
 
 def test_import_sharded_checkpoint_matches_build(tmp_path):
-    from moeforge.compiler._hf_io import export_hf
+    from moeforge.compiler._hf.io import export_hf
     from safetensors.torch import load_file, save_file
 
     spec = compiler.load_spec("debug")

@@ -12,9 +12,9 @@ import json
 
 import pytest
 import torch
-from moeforge.compiler._hf_export import spec_to_config
-from moeforge.compiler._hf_import import config_to_spec
-from moeforge.compiler._hf_io import export_hf, import_hf
+from moeforge.compiler._hf.export import spec_to_config
+from moeforge.compiler._hf.importer import config_to_spec
+from moeforge.compiler._hf.io import export_hf, import_hf
 
 from moeforge import compiler
 

@@ -10,9 +10,9 @@ import re
 
 import pytest
 import torch
-from moeforge.compiler._hf_export import spec_to_config
-from moeforge.compiler._hf_import import config_to_spec
-from moeforge.compiler._hf_weights import added_parameters, hf_to_state_dict
+from moeforge.compiler._hf.export import spec_to_config
+from moeforge.compiler._hf.importer import config_to_spec
+from moeforge.compiler._hf.weights import added_parameters, hf_to_state_dict
 
 from moeforge import compiler
 from moeforge.cli import main

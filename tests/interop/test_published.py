@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moeforge.compiler._hf_import import config_to_spec
+from moeforge.compiler._hf.importer import config_to_spec
 
 from moeforge import compiler
 

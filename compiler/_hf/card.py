@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._accounting import account
-from ._hf_formats import ARCHITECTURES, REMOTE_CODE
-from ._hf_weights import added_parameters
-from ._spec import MLASpec, ModelSpec
+from .._accounting import account
+from .._spec import MLASpec, ModelSpec
+from .formats import ARCHITECTURES, REMOTE_CODE
+from .weights import added_parameters
 
 BYTE_VOCAB = 256
 

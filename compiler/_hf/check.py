@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._accounting import account
-from ._hf_weights import added_parameters, hf_to_state_dict
-from ._spec import ModelSpec
+from .._accounting import account
+from .._spec import ModelSpec
+from .weights import added_parameters, hf_to_state_dict
 
 
 def hf_model_from_config(config: Mapping[str, Any], device: str = "cpu"):
@@ -43,7 +43,7 @@ def check_against_transformers(spec: ModelSpec, out: str | Path, ids: Any = None
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ._builder import build
+    from .._builder import build
 
     out = Path(out)
     cfg = json.loads((out / "config.json").read_text())

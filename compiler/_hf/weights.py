@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._hf_formats import MARKER, HFError
-from ._spec import MLASpec, ModelSpec
+from .._spec import MLASpec, ModelSpec
+from .formats import MARKER, HFError
 
 
 def _names(family: str) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._dump import spec_to_yaml
-from ._hf_card import model_card
-from ._hf_export import spec_to_config
-from ._hf_formats import HFError
-from ._hf_import import config_to_spec
-from ._hf_weights import hf_to_state_dict, state_dict_to_hf
-from ._spec import ModelSpec
+from .._dump import spec_to_yaml
+from .._spec import ModelSpec
+from .card import model_card
+from .export import spec_to_config
+from .formats import HFError
+from .importer import config_to_spec
+from .weights import hf_to_state_dict, state_dict_to_hf
 
 
 class _LazyTensors(Mapping[str, Any]):
@@ -98,7 +98,7 @@ def _read_checkpoint(spec: ModelSpec, checkpoint: str | Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from ._builder import build
+    from .._builder import build
 
     ckpt = Path(checkpoint)
     if ckpt.is_dir():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._hf_expressible import choose_format
-from ._hf_formats import ARCHITECTURES, DENSE, MARKER, round_coefficient
-from ._spec import MLASpec, ModelSpec, RopeSpec
+from .._spec import MLASpec, ModelSpec, RopeSpec
+from .expressible import choose_format
+from .formats import ARCHITECTURES, DENSE, MARKER, round_coefficient
 
 
 def _layer_config(spec: ModelSpec, family: str) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._hf_formats import FAMILIES, MARKER, HFError, round_coefficient
-from ._spec import ModelSpec
+from .._spec import ModelSpec
+from .formats import FAMILIES, MARKER, HFError, round_coefficient
 
 # transformers' defaults where a config leaves a key out.
 _EPS = {"mixtral": 1e-5, "olmoe": 1e-5, "glm4_moe": 1e-5}

@@ -3,9 +3,9 @@ them in, the config key that carries what a stock config cannot say, and the err
 
 Supported ``model_type``s: deepseek (DeepSeekMoE 16B's remote-code config), deepseek_v2, deepseek_v3, glm4_moe,
 qwen2_moe, qwen3_moe, mixtral, olmoe, and for dense specs llama, qwen2, qwen3. The modules that use these,
-from the bottom up: `_hf_import` (config.json -> spec), `_hf_expressible` (which format computes a spec
-exactly), `_hf_export` (spec -> config.json), `_hf_weights` (tensor names both ways), `_hf_card` (the model
-card), `_hf_io` (model folders on disk) and `_hf_check` (the comparison with transformers itself).
+from the bottom up: `importer` (config.json -> spec), `expressible` (which format computes a spec
+exactly), `export` (spec -> config.json), `weights` (tensor names both ways), `card` (the model
+card), `io` (model folders on disk) and `check` (the comparison with transformers itself).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Which stock transformers format computes exactly what a spec describes: the rules per family, and the
 one line (the feature, and the nearest exportable change) when none does. Only the computed function
-matters; what a family's config cannot hold travels in the MARKER key (see `_hf_export`)."""
+matters; what a family's config cannot hold travels in the MARKER key (see `export`)."""
 
 from __future__ import annotations
 
-from ._hf_formats import DENSE, EXPORT_ORDER, FAMILIES, HFError
-from ._spec import MLASpec, ModelSpec, RopeSpec
+from .._spec import MLASpec, ModelSpec, RopeSpec
+from .formats import DENSE, EXPORT_ORDER, FAMILIES, HFError
 
 
 def _not_any_family(spec: ModelSpec) -> str | None:
