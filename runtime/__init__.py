@@ -46,17 +46,8 @@ if TYPE_CHECKING:
     )
     from ._metrics import LoadTracker, load_stats
     from ._prepare import prepare_data
-    from ._train import (
-        Diverged,
-        OutOfMemory,
-        Trainer,
-        evaluate,
-        lr_at,
-        make_optimizer,
-        planned_tokens,
-        resolve_device,
-        train,
-    )
+    from ._schedule import lr_at, make_optimizer, planned_tokens
+    from ._train import Diverged, OutOfMemory, Trainer, evaluate, resolve_device, train
 
 # name -> the private module that defines it (all of them import torch)
 _LAZY = {
@@ -105,18 +96,9 @@ _LAZY = {
         "_layers",
     ),
     **dict.fromkeys(("LoadTracker", "load_stats"), "_metrics"),
+    **dict.fromkeys(("lr_at", "make_optimizer", "planned_tokens"), "_schedule"),
     **dict.fromkeys(
-        (
-            "Diverged",
-            "OutOfMemory",
-            "Trainer",
-            "evaluate",
-            "lr_at",
-            "make_optimizer",
-            "planned_tokens",
-            "resolve_device",
-            "train",
-        ),
+        ("Diverged", "OutOfMemory", "Trainer", "evaluate", "resolve_device", "train"),
         "_train",
     ),
 }

@@ -35,9 +35,10 @@ from torch import nn
 from ._checkpoint import STATE_FILE, find_checkpoint
 from ._config import TrainConfig
 from ._data import Corpus
+from ._schedule import in_cooldown, planned_tokens
 from ._summary import RunSummary
 from ._tracking import Tracking
-from ._train import CHECKPOINT_DIR, Trainer, in_cooldown, planned_tokens
+from ._train import CHECKPOINT_DIR, Trainer
 
 BRANCHES_DIR = "branches"
 # what the stable phase's steps depend on: a branch checkpoint serves a budget only when these agree

@@ -14,11 +14,11 @@ from moeforge.runtime import (
     ladder_tokens,
     load_corpus,
     lr_at,
+    make_optimizer,
     train,
     train_cooldown,
     train_stable,
 )
-from moeforge.runtime._train import make_optimizer
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

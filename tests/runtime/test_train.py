@@ -9,8 +9,16 @@ import pickle
 import pytest
 import torch
 from moeforge.compiler import account, build, load_spec
-from moeforge.runtime import Diverged, TrainConfig, load_checkpoint, load_corpus, lr_at, planned_tokens, train
-from moeforge.runtime._train import make_optimizer
+from moeforge.runtime import (
+    Diverged,
+    TrainConfig,
+    load_checkpoint,
+    load_corpus,
+    lr_at,
+    make_optimizer,
+    planned_tokens,
+    train,
+)
 from safetensors import safe_open
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
