@@ -194,10 +194,11 @@ def test_small_hparams_own_lr_batch_and_warmup(make_search, tmp_path):
     study, _ = _run(s, tmp_path)
     n = 0
     for r in trial_records(study):
-        if r["state"] == "COMPLETE":
-            h = r["hparams"]
-            assert h["rule"] == "small"
-            assert h["lr"] == pytest.approx(SMALL_LR_A * r["params_activated_non_embedding"] ** -SMALL_LR_B)
+        if r.state == "COMPLETE":
+            h = r.hparams
+            assert h is not None and h["rule"] == "small"
+            assert r.params_activated_non_embedding is not None
+            assert h["lr"] == pytest.approx(SMALL_LR_A * r.params_activated_non_embedding**-SMALL_LR_B)
             n += 1
     assert n > 0
     for bad in ("lr: 0.001", "options: {warmup_tokens: 100}", "options: {warmup: 0.1}"):
