@@ -316,7 +316,12 @@ def _render_fit(runs: Any, fit: Any, files: list[str]) -> None:
         h = fit.holdout
         con.print(
             f"  holdout: fitted without the {h['budget']:.3g} budget, its {h['n_points']} runs are predicted with "
-            f"mean |relative error| {h['mean_abs_rel_error']:.2%}",
+            f"mean |relative error| {h['mean_abs_rel_error']:.2%}"
+            + (
+                f" ({h['mean_abs_rel_error_configs']:.2%} over its {h['n_configs']} configurations' seed means)"
+                if "mean_abs_rel_error_configs" in h
+                else ""
+            ),
             highlight=False,
         )
     else:

@@ -346,10 +346,15 @@ def _fit(runs: Runs, law: Law, resamples: int, seed: int, holdout: bool) -> Fit:
             th = fit_theta(law, train)
             tdata = _data(test, law)
             tp = np.exp(law.fn(th, tdata.log_n, tdata.log_d, tdata.log_g))
+            # per configuration too: its seeds' mean loss against the law (the same N, D, G for every seed)
+            groups = [np.flatnonzero(test.group == gi) for gi in sorted({int(x) for x in test.group})]
+            config_err = [abs(tp[i[0]] - test.loss[i].mean()) / test.loss[i].mean() for i in groups]
             held = {
                 "budget": top,
                 "mean_abs_rel_error": float(np.mean(np.abs(tp - test.loss) / test.loss)),
                 "n_points": len(test),
+                "mean_abs_rel_error_configs": float(np.mean(config_err)),
+                "n_configs": len(groups),
             }
             decisions = decision_accuracy(
                 runs,
