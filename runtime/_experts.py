@@ -157,7 +157,7 @@ def grouped_mm_errors(device: torch.device, dtype: torch.dtype, seed: int = 0) -
 def cpu_eager_dispatch(dtype: torch.dtype = torch.float32, threads: int | None = None) -> str:
     """What ``auto`` runs on the CPU in eager mode at `threads` intra-op threads (default: torch's current).
 
-    ``fused_loop`` at every thread count, measured side by side (README, Performance; ``python -m
+    ``fused_loop`` at every thread count, measured side by side (docs/performance.md; ``python -m
     benchmarks.moe_layer --threads N --dispatch ...``): at one thread each expert's work stays in cache and a
     call costs no launch; at more it runs ranges of experts on threads with one intra-op thread each
     (`_on_threads`), where ``grouped_mm`` and ``padded_bmm`` split every small matmul with OpenMP and stall

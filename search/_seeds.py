@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 TIE_RULE = "tied: the gap to the best mean is under 2 * sqrt(s_best^2/n_best + s^2/n) (s: std over n seeds)"
-"""How leaderboards decide that an entry is within the seed noise of the best (the README quotes it)."""
+"""How leaderboards decide that an entry is within the seed noise of the best (docs/search.md quotes it)."""
 
 
 def seed_stats(values: list[float]) -> tuple[float, float | None]:
