@@ -8,19 +8,7 @@ import pytest
 from moeforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-GOOD = """\
-name: cli
-base:
-  base: debug
-  moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null,
-        paper: {experts: 4, top_k: 1, m: 1, shared: 0}}
-space:
-  granularity: [1, 2]
-budget: {train_flops: 1.0e+9}
-sampler: {kind: grid}
-n_trials: 2
-train: {device: cpu, batch_size: 4, eval_points: 2, cpu_threads: 1, options: {eval_tokens: 1024}}
-"""
+GOOD = (ROOT / "tests" / "fixtures" / "search" / "tiny.yaml").read_text()  # a 2-trial search of seconds
 
 
 @pytest.mark.parametrize(

@@ -86,19 +86,9 @@ def test_train_nproc_from_a_checkout(shadow, tmp_path, monkeypatch, capsys):
     assert (out / "summary.json").is_file()
 
 
-SEARCH = """\
-name: shadow
-base:
-  base: debug
-  moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null,
-        paper: {experts: 4, top_k: 1, m: 1, shared: 0}}
-space:
-  granularity: [1, 2]
-budget: {train_flops: 1.0e+9}
-sampler: {kind: grid}
-n_trials: 2
-train: {device: cpu, batch_size: 4, eval_points: 2, cpu_threads: 1, options: {eval_tokens: 1024}}
-"""
+SEARCH = (
+    (Path(__file__).parents[1] / "fixtures" / "search" / "tiny.yaml").read_text().replace("cli", "shadow", 1)
+)
 
 
 @pytest.mark.slow

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from moeforge.compiler import account, build, load_spec
+from moeforge.compiler import build
 from moeforge.runtime import (
     TrainConfig,
     branch_point,
     find_checkpoint,
     ladder_tokens,
-    load_corpus,
     lr_at,
     make_optimizer,
     train,
@@ -22,21 +21,6 @@ from moeforge.runtime import (
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return load_spec("debug")
-
-
-@pytest.fixture(scope="module")
-def fpt(spec) -> int:
-    return account(spec).train_flops_per_token
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, spec):
-    return load_corpus(cache_dir=tmp_path_factory.mktemp("cache"), vocab_size=spec.vocab_size)
 
 
 def _wsd(**kw) -> TrainConfig:

@@ -11,8 +11,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from moeforge.compiler import account, build, load_spec
-from moeforge.runtime import MissingTracker, Tracking, TrainConfig, check_trackers, load_corpus, train
+from moeforge.compiler import account, build
+from moeforge.runtime import MissingTracker, Tracking, TrainConfig, check_trackers, train
 from moeforge.runtime._tracking import scalars
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -57,16 +57,6 @@ def test_missing_library_names_the_extra(monkeypatch):
         check_trackers(["wandb"])
     with pytest.raises(ValueError, match="unknown tracker 'neptune'"):
         check_trackers(["neptune"])
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return load_spec("debug")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, spec):
-    return load_corpus(cache_dir=tmp_path_factory.mktemp("cache"), vocab_size=spec.vocab_size)
 
 
 def _train(spec, corpus, out: Path, kinds: tuple[str, ...]) -> list[dict]:

@@ -13,7 +13,6 @@ from moeforge.runtime import (
     Diverged,
     TrainConfig,
     load_checkpoint,
-    load_corpus,
     lr_at,
     make_optimizer,
     planned_tokens,
@@ -22,21 +21,6 @@ from moeforge.runtime import (
 from safetensors import safe_open
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return load_spec("debug")
-
-
-@pytest.fixture(scope="module")
-def fpt(spec) -> int:
-    return account(spec).train_flops_per_token
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, spec):
-    return load_corpus(cache_dir=tmp_path_factory.mktemp("cache"), vocab_size=spec.vocab_size)
 
 
 def _train(spec, fpt, corpus, cfg, out_dir=None, seed=0, **kw):

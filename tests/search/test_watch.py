@@ -78,21 +78,8 @@ def test_trials_are_runs_of_the_study_with_their_parameters(tmp_path, monkeypatc
 
     monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path / "cache"))
     spec = tmp_path / "watch.yaml"
-    spec.write_text(
-        """\
-name: watch
-base:
-  base: debug
-  moe: {routed_experts: null, shared_experts: null, top_k: null, expert_hidden: null,
-        paper: {experts: 4, top_k: 1, m: 1, shared: 0}}
-space:
-  granularity: [1, 2]
-budget: {train_flops: 1.0e+9}
-sampler: {kind: grid}
-n_trials: 2
-train: {device: cpu, batch_size: 4, eval_points: 2, cpu_threads: 1, options: {eval_tokens: 1024}}
-"""
-    )
+    tiny = Path(__file__).parents[1] / "fixtures" / "search" / "tiny.yaml"
+    spec.write_text(tiny.read_text().replace("cli", "watch", 1))
     out = tmp_path / "run"
     argv = ["search", str(spec), "--out", str(out), "--workers", "1", "--no-plots", "--json"]
     assert main([*argv, "--study", "my-study", "--log", "tensorboard"]) == 0
