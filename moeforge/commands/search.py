@@ -108,11 +108,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"moeforge search: unexpected argument {args.run_dir_arg!r}", file=sys.stderr)
             return EXIT_BAD_INPUT
         workers = None if args.workers == "auto" else _positive_int(args.workers)
-        if workers == 0 or (args.trials is not None and args.trials < 1):
-            print("moeforge search: --workers (a number or auto) and --trials must be >= 1", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if args.budget_flops is not None and not args.budget_flops > 0:
-            print("moeforge search: --budget-flops must be > 0", file=sys.stderr)
+        if workers == 0:  # --trials and --budget-flops are checked by their types when parsed
+            print("moeforge search: --workers: must be a number >= 1 or auto", file=sys.stderr)
             return EXIT_BAD_INPUT
         from moeforge.search import load_search, run_search
 

@@ -152,10 +152,6 @@ def run(args: argparse.Namespace) -> int:
         from moeforge.cli import EXIT_BAD_INPUT
 
         return EXIT_BAD_INPUT
-    if args.nproc is not None and args.nproc < 1:
-        from moeforge.cli import EXIT_BAD_INPUT
-
-        return _fail(f"--nproc: {args.nproc} must be >= 1", EXIT_BAD_INPUT)
     if args.nproc is not None and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         import torch
 
